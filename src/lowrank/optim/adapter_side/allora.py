@@ -14,11 +14,19 @@ autograd function with this backward (one extra branch forward per layer while g
 enabled; nothing changes at inference).  The optimizer itself is AdamW.
 
 "No dropout, no scaling": adapt with ``dropout=0`` and ``alpha=rank`` (s = 1; the recipe does).
-Faithfulness note: the paper's text was not reachable from this machine; the formula above
-(norm entering the square root unsquared, rows of ΔW = s B A, factor gradients only) is the
-one a public port quotes from the paper's §4.2, and matches the abstract ("per sample and per
-parameter gradients scaled by a coefficient inversely proportional to the parameters' ℓ2
-norm").  η defaults to 2 (the LoRA scaling α/r = 16/8 that the coefficient equals at init).
+
+Faithfulness (checked again for issue 4, 2026-11-24): the paper's method section is still not
+readable from this machine (the stored arXiv HTML and OpenReview pages stop after the abstract /
+introduction).  What was found instead: (a) a public ALLoRA port written from the paper, whose
+notes quote its Definition in §4.2 and its "one more implementation detail" paragraph: with the
+paper's LoRA written f(x) = W x + η B A x (η = α/r), ALLoRA drops η from the forward and rescales
+the gradient of each output row i of BA by 1/sqrt(‖(BA)_i‖ + 1/η²) (the norm unsquared), and
+only the gradients feeding A and B are rescaled, never the one propagated to the layer input --
+all three points as implemented here; (b) a family of "Automagic" optimizers that cite ALLoRA
+but use 1/sqrt(‖row‖ + 1/η²) over the rows of each factor separately, computed once when the
+state is created -- a loose adaptation (it never follows the weights afterwards), not the
+paper's rule.  Nothing found contradicts (a); it is still a second-hand reading of the paper.
+η defaults to 2 (the LoRA scaling α/r = 16/8 that the coefficient equals at init).
 Needs adapters whose forward is ``base_out + s B A x`` (the default ``merge_into``).
 """
 
