@@ -14,44 +14,74 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.adapter import FactorAdapter
+from ..core.adapter import Adapter, FactorAdapter
 from ..core.layers import BaseLayer
 from ..errors import ShapeError
 from ..registry import register_method
 
 
 class _LoRALinear(torch.autograd.Function):
-    """y = W x + b + s · B (A x_a) with a hand-written backward.
+    """Layers y_i = W_i x + b_i + s_i B_i A_i x_a that read one input, in one autograd node.
 
-    One node instead of four: the input gradient of the base and of the adapter are formed in
-    one buffer (g W, then += (s g B) A in place), and no (T, out) temporaries are kept.
+    One layer is LoRA's fused layer.  Several (q/k/v, gate/up) share the backward's passes over
+    x: x-grad = Σ_i s_i (g_i B_i) A_i + Σ_i g_i W_i is formed in one buffer (one GEMM with the
+    stacked A, then the base GEMMs accumulate onto it) instead of one per layer summed by
+    autograd, and the A-grads of all layers come from one GEMM over x.  The forward computes
+    each layer exactly as alone, so outputs do not depend on whether layers ran together.
+    Each base GEMM accumulates onto the low-rank term already in its output (beta = 1), so no
+    (T, out) or (T, in) tensor is read and written a second time just to add that term.
     """
 
     @staticmethod
-    def forward(ctx, x, xa, weight, bias, A, B, s):  # x, xa: (T, in); weight: (out, in)
-        h = xa @ A.t()  # (T, r)
-        y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())  # (T, out)
-        y.addmm_(h, B.t(), alpha=s)  # (T, out) += s h B^T
-        ctx.save_for_backward(xa, h, weight, A, B)
-        ctx.s, ctx.same_input = s, xa is x
-        return y
+    def forward(ctx, x, xa, scales, *params):  # x, xa: (T, in); per layer W (out, in), b, A (r, in), B (out, r)
+        Ws, bs, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
+        outs, hs = [], []
+        for W, b, A, B, s in zip(Ws, bs, As, Bs, scales):
+            h = xa @ A.t()  # (T, r)
+            sBt = (B * s).t()  # (r, out), tiny
+            y = h @ sBt if b is None else torch.addmm(b, h, sBt)  # (T, out)  s B A x_a + b
+            outs.append(y.addmm_(x, W.t()))  # (T, out)  += W x
+            hs.append(h)
+        ctx.save_for_backward(x, xa, *Ws, *As, *Bs, *hs)
+        ctx.scales, ctx.same_input = scales, xa is x
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, g):  # g: (T, out)
-        xa, h, weight, A, B = ctx.saved_tensors
-        s = ctx.s
-        need_x, need_xa = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gh = (g @ B).mul_(s)  # (T, r)
+    def backward(ctx, *gs):  # g_i: (T, out_i), or None for an output that got no gradient
+        x, xa, *rest = ctx.saved_tensors
+        n, need, scales = len(gs), ctx.needs_input_grad, ctx.scales
+        Ws, As, Bs, hs = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
+        grads: list[torch.Tensor | None] = [None] * (4 * n)
+        if all(g is None for g in gs):
+            return (None, None, None, *grads)
+        ranks = [a.shape[0] for a in As]
+        A = As[0] if n == 1 else torch.cat(As)  # (R, in), R = Σ r_i
+        # GH = [s_1 g_1 B_1 | ... | s_n g_n B_n]  (T, R)
+        GH = torch.cat([hs[0].new_zeros(hs[0].shape[0], r) if g is None else g @ (B * s)
+                        for g, B, s, r in zip(gs, Bs, scales, ranks)], dim=1)
         gx = gxa = None
-        if need_x:
-            gx = g @ weight  # (T, in)
-            if ctx.same_input:
-                gx.addmm_(gh, A)
-        if need_xa and not ctx.same_input:
-            gxa = gh @ A
-        gA = gh.t() @ xa if ctx.needs_input_grad[4] else None  # (r, in)
-        gB = (g.t() @ h).mul_(s) if ctx.needs_input_grad[5] else None  # (out, r)
-        return gx, gxa, None, None, gA, gB, None
+        if need[0]:
+            gx = GH @ A if ctx.same_input else None  # (T, in)  Σ_i s_i g_i B_i A_i
+            for g, W in zip(gs, Ws):
+                if g is not None:
+                    gx = g @ W if gx is None else gx.addmm_(g, W)  # += Σ_i g_i W_i
+        if need[1] and not ctx.same_input:
+            gxa = GH @ A
+        if any(need[5::4]):
+            gA = GH.t() @ xa  # (R, in)  every dA_i = s_i B_i^T g_i^T x_a in one GEMM
+            for i, gAi in enumerate(gA.split(ranks)):
+                grads[4 * i + 2] = gAi if need[5 + 4 * i] else None
+        for i, (g, h, s) in enumerate(zip(gs, hs, scales)):
+            if g is None:
+                continue
+            if need[3 + 4 * i]:  # a base weight or bias left trainable
+                grads[4 * i] = g.t() @ x
+            if need[4 + 4 * i]:
+                grads[4 * i + 1] = g.sum(0)
+            if need[6 + 4 * i]:
+                grads[4 * i + 3] = (g.t() @ h).mul_(s)  # (out, r)  s g^T (A x_a)
+        return (gx, gxa, None, *grads)
 
 
 @register_method
@@ -69,12 +99,16 @@ class LoRA(FactorAdapter):
         self.reset_parameters()
 
     fuses_base = True
+    fuse_group = "lora"
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         # a subclass that changes the forward no longer computes what the fused kernel computes
-        if ("forward" in cls.__dict__ or "lora_out" in cls.__dict__) and "fuses_base" not in cls.__dict__:
+        changed = {"forward", "lora_out", "forward_fused"} & set(cls.__dict__)
+        if changed and "fuses_base" not in cls.__dict__:
             cls.fuses_base = False
+        if changed and "fuse_group" not in cls.__dict__:
+            cls.fuse_group = None
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -113,11 +147,18 @@ class LoRA(FactorAdapter):
 
     def forward_fused(self, x: torch.Tensor, xa: torch.Tensor, base: BaseLayer) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2, xa2 = x.reshape(-1, self.in_features), xa.reshape(-1, self.in_features)  # (T, in)
-        if xa is x:
-            xa2 = x2
-        y = _LoRALinear.apply(x2, xa2, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        x2 = x.reshape(-1, self.in_features)  # (T, in)
+        xa2 = x2 if xa is x else xa.reshape(-1, self.in_features)
+        (y,) = _LoRALinear.apply(x2, xa2, (self.scaling,), base.weight, base.bias, self.A, self.B)
         return y.view(*lead, self.out_features)
+
+    @classmethod
+    def forward_fused_shared(cls, x: torch.Tensor, members: list[tuple[Adapter, BaseLayer]]) -> list[torch.Tensor]:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        params = [t for a, base in members for t in (base.weight, base.bias, a.A, a.B)]
+        ys = _LoRALinear.apply(x2, x2, tuple(a.scaling for a, _ in members), *params)
+        return [y.view(*lead, a.out_features) for y, (a, _) in zip(ys, members)]
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.B @ self.A)  # (out, in)

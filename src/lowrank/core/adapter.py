@@ -45,6 +45,9 @@ class Adapter(nn.Module):
     #: the adapter can compute base layer + update in one fused op (:meth:`forward_fused`);
     #: the wrapper uses it when this is the only live adapter on a plain ``layer(x)`` call
     fuses_base: ClassVar[bool] = False
+    #: adapters of classes with the same non-None key can compute several layers that read one
+    #: input (q/k/v, gate/up) together in :meth:`forward_fused_shared`; needs ``fuses_base``
+    fuse_group: ClassVar[object] = None
     #: options the conformance tests use on tiny layers (e.g. a block size dividing 16)
     test_options: ClassVar[dict[str, Any]] = {}
     #: the ranks the conformance tests use (tiny layers are 16..64 wide)
@@ -71,6 +74,15 @@ class Adapter(nn.Module):
         """W x + b plus this adapter's update, computed together (only if ``fuses_base``).
 
         x: the layer input; xa: the same after the adapter's dropout (may be ``x`` itself).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def forward_fused_shared(cls, x: torch.Tensor, members: list[tuple["Adapter", BaseLayer]]) -> list[torch.Tensor]:
+        """The outputs of several layers that read the same input ``x``, computed together.
+
+        members: (adapter, base layer) of each layer, all with this ``fuse_group`` and no dropout.
+        Same results as ``forward_fused`` on each; only if ``fuse_group`` is set.
         """
         raise NotImplementedError
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import shared_input
+
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import Adapter
 
@@ -77,6 +79,10 @@ class BaseLayer:
         return nn.functional.linear(x, self.weight)
 
 
+def _shareable(adapter: "Adapter") -> bool:
+    return adapter.fuse_group is not None and isinstance(adapter.dropout, nn.Identity)
+
+
 def _output_width(module: nn.Module) -> int:
     """Hidden width of a weightless block: the output width of its last Linear/Conv1D sublayer."""
     width = None
@@ -115,15 +121,37 @@ class AdaptedLayer(nn.Module):
             return getattr(modules["base_layer"], name)
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def fused_adapter(self, x: torch.Tensor) -> "Adapter | None":
+        """The single live adapter, if it can compute this whole layer on ``x`` in one fused op."""
         live = [] if self.disabled else [n for n in self.active if n not in self.merged]
-        if len(live) == 1 and not args and not kwargs:
-            adapter = self.adapters[live[0]]
-            # the fused path calls forward_fused directly, so an adapter with forward hooks
-            # (e.g. ALLoRA's gradient rescaling) must go through its ordinary __call__
-            hooked = adapter._forward_hooks or adapter._forward_pre_hooks
-            if adapter.fuses_base and not hooked and x.dtype == adapter.compute_dtype == self.base.dtype:
+        if len(live) != 1:
+            return None
+        adapter = self.adapters[live[0]]
+        if not adapter.fuses_base or type(self.base_layer) not in LINEAR_TYPES:
+            return None  # a subclassed base layer may compute something else than W x + b
+        # the fused path calls forward_fused directly, so an adapter or base layer with forward
+        # hooks (e.g. ALLoRA's gradient rescaling) must go through its ordinary __call__
+        for m in (adapter, self.base_layer):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+        if not x.dtype == adapter.compute_dtype == self.base.dtype:
+            return None
+        return adapter
+
+    @staticmethod
+    def shareable_adapter(layer: "AdaptedLayer", x: torch.Tensor) -> "Adapter | None":
+        """The layer's fused adapter if it can also run together with others on the input ``x``."""
+        adapter = layer.fused_adapter(x)
+        return adapter if adapter is not None and _shareable(adapter) else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs:
+            adapter = self.fused_adapter(x)
+            if adapter is not None:
+                if _shareable(adapter):
+                    return shared_input.call(self, x, adapter, AdaptedLayer.shareable_adapter)
                 return adapter.forward_fused(x, adapter.dropout(x), self.base)
+        live = [] if self.disabled else [n for n in self.active if n not in self.merged]
         replacing = [n for n in live if self.adapters[n].replaces_base]
         if replacing:  # a full-weight parameterisation computes the whole layer itself
             out = None

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import shared_input
 from ..core.api import aux_loss
 from ..data import ClassificationTask, LMTask, load_data, load_task
 from ..data.datasets import TextCorpus
@@ -446,6 +447,9 @@ class Trainer:
         tokens_total = 0
         last_ckpt: tuple[int, str] | None = (self.step, self.resumed_from) if self.resumed_from else None
         last_eval: dict[str, float] = {}
+        # learn which adapted layers read one input (q/k/v, gate/up) before the first step, so a
+        # fresh and a resumed run compute every step the same way (see core.shared_input)
+        shared_input.learn(self.model, **self._to_device(next(iter(self.task.eval_batches(1)))))
         self.model.train()
         t_loop = time.perf_counter()
         try:
