@@ -7,9 +7,12 @@ batch 8 x 256, rank 128, CPU fp32), side by side in one process:
 2. the non-refresh optimizer step: galore-torch GaLoreAdamW vs ours vs torch AdamW(foreach),
    and ours against its bound: 4 m n r FLOPs per matrix at the measured matmul rate + torch's
    AdamW on everything else (unprojected parameters and the low-rank moments);
-3. optimizer-state memory of every method beside AdamW's (formula on a meta model = held bytes).
+3. optimizer-state memory of every method beside AdamW's (formula on a meta model = held bytes);
+4. Q-GaLore with INT8 weights (``weight_bits=8``) against Q-GaLore with fp32 weights: bytes the
+   projected weights hold between steps, forward+backward and non-refresh step times
+   (interleaved), and the peak RSS (VmHWM) of a fresh process running 3 training steps.
 
-Run:  .venv/bin/python bench/optim_refresh.py [--reps 5]
+Run:  .venv/bin/python bench/optim_refresh.py [--reps 5] [--sections 1234]
 Timings on a shared 2-core machine are noisy: medians of --reps runs, all in one process; the
 non-refresh steps of the three optimizers are interleaved so they share the same load.
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -61,7 +66,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--sections", default="123", help="which sections to run, e.g. 1 or 23")
+    ap.add_argument("--sections", default="123", help="which sections to run, e.g. 1 or 23 or 4")
+    ap.add_argument("--batch", type=int, default=8, help="section 4: batch size (sequences of 256)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,6 +75,8 @@ def main():
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; shared machine: timings are noisy (median of {reps})")
     rate = matmul_rate()
     print(f"matmul rate (1024^3 fp32): {rate / 1e9:.0f} GFLOP/s")
+    if args.sections == "4":
+        return qgalore_int8_section(reps, args.batch)
 
     model = anchor()
     ids = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
@@ -87,6 +95,8 @@ def main():
         ours_ref = step_section(model, proj, rate, reps)
     if "3" in args.sections:
         memory_section(*ours_ref)
+    if "4" in args.sections:
+        qgalore_int8_section(reps, args.batch)
 
 
 def refresh_section(grads, oriented, reps):
@@ -224,6 +234,80 @@ def memory_section(ours=None, ref=None):
     held_ref += sum(st["projector"].ortho_matrix.numel() * 4 for st in ref.state.values() if "projector" in st)
     print(f"held after a step: ours galore {held_ours / 2**20:.1f} MB (formula "
           f"{lo.state_bytes(ours, allocated=False) / 2**20:.1f} MB), galore-torch {held_ref / 2**20:.1f} MB")
+
+
+# ---------------------------------------------------------------- 4. Q-GaLore INT8 weights
+
+def qgalore(model, bits):
+    # randomized base projector: the bench is about the weights, not about the (exact-SVD) refresh
+    return lo.q_galore(model, lr=1e-4, rank=RANK, update_gap=10**9, base="randomized", weight_bits=bits)
+
+
+def train_step(model, opt, ids):
+    opt.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+
+def _peak_rss_child(bits, batch):
+    model = anchor()
+    opt = qgalore(model, None if bits == "fp32" else 8)
+    ids = torch.randint(0, 8192, (batch, 256), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        train_step(model, opt, ids)
+    print([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+
+
+def peak_rss_gb(bits, batch):
+    # VmHWM of a fresh process (not ru_maxrss, which survives execve)
+    code = (f"import sys; sys.path.insert(0, 'bench'); import optim_refresh as b; "
+            f"b._peak_rss_child({bits!r}, {batch})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1e6
+
+
+def qgalore_int8_section(reps, batch):
+    print(f"\n## 4. Q-GaLore INT8 weights (weight_bits=8) vs fp32 weights, batch {batch} x 256")
+    ids = torch.randint(0, 8192, (batch, 256), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for bits in (None, 8):
+        m = anchor()
+        o = qgalore(m, bits)
+        train_step(m, o, ids)                           # first step: refresh + state allocation
+        runs[bits] = (m, o)
+    proj = [p for g in runs[8][1].param_groups if g["method"] == "q_galore" for p in g["params"]]
+    n = sum(p.numel() for p in proj)
+    held8 = sum(p.untyped_storage().nbytes() for p in proj)
+    codes = sum(w.codes.numel() + w.scale.numel() * 4 + w.zero.numel()
+                for w in (runs[8][1].weight_of(p) for p in proj))
+    print(f"projected weights: {len(proj)} matrices, {n / 1e6:.1f}M entries; fp32 {4 * n / 2**20:.1f} MB; "
+          f"int8: parameters hold {held8} B, codes+scales+zeros {codes / 2**20:.1f} MB ({8 * codes / n:.2f} bits/weight)")
+    sb = {bits: lo.state_bytes(o) for bits, (m, o) in runs.items()}
+    print(f"state_bytes: fp32-weight q_galore {sb[None] / 2**20:.1f} MB, int8 {sb[8] / 2**20:.1f} MB "
+          f"(difference = the INT8 weights, {(sb[8] - sb[None]) / 2**20:.1f} MB)")
+    times = {(bits, k): [] for bits in (None, 8) for k in ("fwd+bwd", "step")}
+    for _ in range(reps):                               # interleaved
+        for bits, (m, o) in runs.items():
+            o.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            m(input_ids=ids, labels=ids).loss.backward()
+            t1 = time.perf_counter()
+            o.step()
+            t2 = time.perf_counter()
+            times[(bits, "fwd+bwd")].append(t1 - t0)
+            times[(bits, "step")].append(t2 - t1)
+    print("| q_galore weights | fwd+bwd (s) | non-refresh step (s) |")
+    print("|---|---|---|")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for bits in (None, 8):
+        print(f"| {'fp32' if bits is None else 'int8 + SR'} | {med[(bits, 'fwd+bwd')]:.3f} | {med[(bits, 'step')]:.3f} |")
+    print(f"int8 / fp32: fwd+bwd {med[(8, 'fwd+bwd')] / med[(None, 'fwd+bwd')]:.2f}x, "
+          f"step {med[(8, 'step')] / med[(None, 'step')]:.2f}x")
+    del runs
+    peaks = {b: peak_rss_gb(b, batch) for b in ("fp32", "int8")}
+    print(f"peak RSS of a fresh process, 3 steps: fp32 {peaks['fp32']:.3f} GB, int8 {peaks['int8']:.3f} GB "
+          f"(saved {1e3 * (peaks['fp32'] - peaks['int8']):.0f} MB; the projected weights in fp32 are "
+          f"{4 * n / 1e6:.0f} MB)")
 
 
 if __name__ == "__main__":

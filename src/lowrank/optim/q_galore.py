@@ -66,40 +66,51 @@ def int8_weight_like(p: Tensor, group: int) -> Int8Weight:
                       zero=torch.zeros(groups, dtype=torch.uint8, device=p.device))
 
 
-def quantize8_(w: Tensor, st: Int8Weight, group: int, generator: torch.Generator | None = None) -> None:
-    """Write ``w`` into ``st``: per-group min-max scale and zero point, then round (stochastically
-    when a ``generator`` is given: floor(x + u), u ~ U[0, 1), rounds up with probability frac(x))."""
-    flat = w.detach().reshape(-1).float()
+def quantize8_(w: Tensor, st: Int8Weight, group: int, generator: torch.Generator | None = None, *,
+               overwrite: bool = False) -> None:
+    """Write ``w`` into ``st``: per-group min-max scale and zero point, then round -- stochastically
+    when a ``generator`` is given (floor(x + u), u ~ U[0, 1): up with probability frac(x)), else to
+    nearest (floor(x + 1/2)).  ``overwrite=True`` lets it use a float32 ``w``'s memory as scratch."""
+    flat = w.detach().reshape(-1)
     pad = st.codes.numel() - flat.numel()
-    x = (torch.cat([flat, flat.new_zeros(pad)]) if pad else flat).view(-1, group)     # (groups, group)
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    elif flat.dtype != torch.float32 or not overwrite:
+        flat = flat.float() if flat.dtype != torch.float32 else flat.clone()
+    x = flat.view(-1, group)                                                           # (groups, group)
     lo, hi = x.amin(1), x.amax(1)
-    scale = (hi - lo).clamp(min=1e-8) / 255                                           # (groups,)
+    scale = (hi - lo).clamp_(min=1e-8).div_(255)                                      # (groups,)
     zero = torch.round(-lo / scale).clamp_(0, 255)
-    q = x / scale[:, None]
-    if generator is None:
-        q = torch.round(q)
-    else:
-        q = torch.floor(q.add_(torch.rand(q.shape, generator=generator, device=q.device)))
-    st.codes.copy_(q.add_(zero[:, None]).clamp_(0, 255).view(-1))
+    x.mul_((1 / scale)[:, None]).add_(zero[:, None])                                  # x / s + z
+    x.add_(0.5 if generator is None else uniform15(x.numel(), generator, x.device).view(x.shape))
+    # x >= 0 after the clamp, so the uint8 conversion (truncation) is the floor
+    st.codes.copy_(x.clamp_(0, 255).view(-1))
     st.scale.copy_(scale)
     st.zero.copy_(zero)
 
 
-def dequantize8(st: Int8Weight, shape, dtype: torch.dtype) -> Tensor:
-    """s_g (q - z_g), reshaped to ``shape`` (a fresh contiguous tensor)."""
+def uniform15(n: int, generator: torch.Generator, device) -> Tensor:
+    """``n`` uniforms in (0, 1), (k + 1/2) / 2^15 for k uniform in 0..2^15-1, cut from a quarter as
+    many 63-bit integer draws (4 lanes of 15 bits each): half the cost of ``torch.rand`` here.  For
+    stochastic rounding this resolution leaves a bias below 2^-16 of a quantisation step."""
+    bits = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(generator=generator)
+    lanes = bits.view(torch.int16)[:n].bitwise_and_(0x7FFF)       # drop bit 63 (always 0) and its peers
+    return lanes.float().add_(0.5).mul_(1 / 32768)
+
+
+def dequantize8(st: Int8Weight, shape, dtype: torch.dtype, decay: float = 1.0) -> Tensor:
+    """decay * s_g (q - z_g), reshaped to ``shape`` (a fresh contiguous tensor)."""
     group = st.codes.numel() // st.scale.numel()
-    x = (st.codes.view(-1, group).float() - st.zero[:, None].float()) * st.scale[:, None]
+    s = st.scale * decay if decay != 1.0 else st.scale
+    x = st.codes.view(-1, group).float().mul_(s[:, None]).sub_((st.zero.float() * s)[:, None])
     return x.view(-1)[: torch.Size(shape).numel()].view(shape).to(dtype)
 
 
 def int8_update_(st: Int8Weight, delta: Tensor, *, decay: float = 1.0,
                  generator: torch.Generator | None = None) -> None:
     """W <- deq(W) * decay + delta, re-quantised into ``st`` (the hot path of a Q-GaLore step)."""
-    w = dequantize8(st, delta.shape, torch.float32)
-    if decay != 1.0:
-        w.mul_(decay)
-    w.add_(delta)
-    quantize8_(w, st, st.codes.numel() // st.scale.numel(), generator)
+    w = dequantize8(st, delta.shape, torch.float32, decay).add_(delta)    # a temporary: reuse it
+    quantize8_(w, st, st.codes.numel() // st.scale.numel(), generator, overwrite=True)
 
 
 @dataclass
