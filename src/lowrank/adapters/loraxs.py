@@ -28,15 +28,19 @@ from ..registry import register_method
 
 
 class CoreAdapter(Adapter):
-    """An adapter whose update is ``scaling * B @ core @ A``: A (r, in), core (r, r), B (out, r)."""
+    """An adapter whose update is ``scaling * B @ core @ A``: A (r, in), core (r, r), B (out, r).
+
+    The outer factors are stored as ``lora_A`` and ``lora_B`` (parameters or frozen buffers);
+    each method names its core.
+    """
 
     @property
     def A(self) -> torch.Tensor:  # (r, in)
-        raise NotImplementedError
+        return self.lora_A
 
     @property
     def B(self) -> torch.Tensor:  # (out, r)
-        raise NotImplementedError
+        return self.lora_B
 
     @property
     def core(self) -> torch.Tensor:  # (r, r)
@@ -89,14 +93,6 @@ class LoRAXS(CoreAdapter):
         self.register_buffer("lora_A", a.float().contiguous())  # (r, in)  S_r V_r^T, frozen
         self.register_buffer("lora_B", u.float().contiguous())  # (out, r) U_r, frozen
         self.lora_R = nn.Parameter(torch.zeros(rank, rank))  # (r, r) trainable core
-
-    @property
-    def A(self) -> torch.Tensor:
-        return self.lora_A
-
-    @property
-    def B(self) -> torch.Tensor:
-        return self.lora_B
 
     @property
     def core(self) -> torch.Tensor:

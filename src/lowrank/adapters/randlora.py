@@ -127,14 +127,7 @@ class RandLoRA(Adapter):
         cls.check_count_option(options, "seed", 0, path)
 
     # ---- files: PEFT layout ----------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"randlora_lambda": self.randlora_lambda.detach(), "randlora_gamma": self.randlora_gamma.detach()}
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.randlora_lambda.copy_(state["randlora_lambda"])
-            self.randlora_gamma.copy_(state["randlora_gamma"])
-
+    # (the shared bases are non-persistent buffers: the default state dict saves only the vectors)
     @classmethod
     def load_shared_state(cls, adapters: list[Adapter], tensors: dict[str, torch.Tensor], where: str) -> None:
         """PEFT files saved with ``save_projection=True`` carry the bases: they must equal ours."""

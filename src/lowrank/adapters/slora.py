@@ -52,14 +52,6 @@ class SLoRA(CoreAdapter):
         self.lora_N = nn.Parameter(n)
 
     @property
-    def A(self) -> torch.Tensor:
-        return self.lora_A
-
-    @property
-    def B(self) -> torch.Tensor:
-        return self.lora_B
-
-    @property
     def core(self) -> torch.Tensor:
         return self.lora_N
 

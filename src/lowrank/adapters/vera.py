@@ -104,14 +104,7 @@ class VeRA(Adapter):
         cls.check_count_option(options, "seed", 0, path)
 
     # ---- files: PEFT layout, projections regenerated from the seed ----------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"vera_lambda_b": self.vera_lambda_b.detach(), "vera_lambda_d": self.vera_lambda_d.detach()}
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.vera_lambda_b.copy_(state["vera_lambda_b"])
-            self.vera_lambda_d.copy_(state["vera_lambda_d"])
-
+    # (the shared bases are non-persistent buffers: the default state dict saves only the vectors)
     @classmethod
     def load_shared_state(cls, adapters: list[Adapter], tensors: dict[str, torch.Tensor], where: str) -> None:
         """A PEFT file saved with ``save_projection=True`` carries the pair: it must equal ours."""
