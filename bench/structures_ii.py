@@ -8,6 +8,12 @@ a shared machine hit all alike; each configuration's median step is divided by L
 is the VmHWM of a fresh subprocess per configuration (build + 2 steps).
 
     .venv/bin/python bench/structures_ii.py [--rounds 3] [--batch 8] [--seq 256] [--no-memory] [--only a,b]
+    .venv/bin/python bench/structures_ii.py --micro     # one adapted layer, forward + backward
+
+``--micro``: one anchor-shaped layer (512 -> 1376 and 1376 -> 512), T = batch x seq tokens,
+forward + backward (input and adapter gradients), LoRA r=16 vs the adapters whose hot path was
+tuned: C3A b=32 through DFT GEMMs (current) and through rfft/irfft (the previous path),
+Kronecker with recomputation (current) and with autograd-saved intermediates.
 """
 
 from __future__ import annotations
@@ -84,6 +90,44 @@ def peak_rss(name: str, batch: int, seq: int) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1e6  # kB -> GB
 
 
+def micro(rounds: int, tokens: int) -> None:
+    import lowrank
+    from lowrank.adapters import c3a as c3a_mod
+    from torch import nn
+
+    def layer(i, o, method, **opts):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(i, o))
+        lowrank.adapt(m, method, rank=R, alpha=R, **opts)
+        with torch.no_grad():
+            for _, p in lowrank.trainable_parameters(m):
+                p.normal_(0, 0.02)
+        return m
+
+    variants = {  # name -> (method, options, setup run before each call)
+        "lora": ("lora", {}, lambda: None),
+        "c3a-b32 gemm": ("c3a", {"block_size": 32}, lambda: setattr(c3a_mod, "GEMM_DFT_MAX_BLOCK", 64)),
+        "c3a-b32 rfft": ("c3a", {"block_size": 32}, lambda: setattr(c3a_mod, "GEMM_DFT_MAX_BLOCK", 0)),
+    }
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {tokens} tokens, forward + backward, "
+          f"median of {rounds} interleaved rounds")
+    for i, o in ((512, 1376), (1376, 512)):
+        x = torch.randn(tokens, i, requires_grad=True)
+        built = {n: (layer(i, o, meth, **opts), setup) for n, (meth, opts, setup) in variants.items()}
+        times: dict[str, list[float]] = {n: [] for n in built}
+        for r in range(rounds + 1):
+            for n, (m, setup) in built.items():
+                setup()
+                t = time.perf_counter()
+                m(x).square().mean().backward()
+                if r:
+                    times[n].append(time.perf_counter() - t)
+        c3a_mod.GEMM_DFT_MAX_BLOCK = 64
+        base = statistics.median(times["lora"])
+        print(f"{i} -> {o}: " + ", ".join(
+            f"{n} {statistics.median(v) * 1e3:.1f} ms ({statistics.median(v) / base:.2f}x)" for n, v in times.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -91,7 +135,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--only", default="")
+    ap.add_argument("--micro", action="store_true", help="one adapted layer instead of the model")
     args = ap.parse_args()
+    if args.micro:
+        return micro(max(args.rounds, 9), args.batch * args.seq)
     names = [n for n in CONFIGS if not args.only or n in args.only.split(",") or n == "lora"]
     torch.manual_seed(0)
     ids = torch.randint(0, 8192, (args.batch, args.seq))
