@@ -74,7 +74,7 @@ def quantize8_(w: Tensor, st: Int8Weight, group: int, generator: torch.Generator
     flat = w.detach().reshape(-1)
     pad = st.codes.numel() - flat.numel()
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+        flat = torch.cat([flat.float(), flat.new_zeros(pad, dtype=torch.float32)])
     elif flat.dtype != torch.float32 or not overwrite:
         flat = flat.float() if flat.dtype != torch.float32 else flat.clone()
     x = flat.view(-1, group)                                                           # (groups, group)
@@ -195,17 +195,16 @@ class QGaLoreOptimizer(LowRankOptimizer):
             quantize8_(p.data, st["s"].weight, weight_group_size)            # round to nearest, as the reference
             self._placeholder[p] = torch.full((), float("nan"), dtype=p.dtype, device=p.device).expand(p.shape)
             p.data = self._placeholder[p]
-        ref = lambda: self                       # noqa: E731  strong: the model's hooks keep its weights alive
         for mod in model.modules():
             mine = [p for p in mod._parameters.values() if p is not None and id(p) in self._qset]
             if not mine:
                 continue
             self._handles += [
-                mod.register_forward_pre_hook(_pre_hook(ref, mine)),
-                mod.register_forward_hook(_post_hook(ref, mine), always_call=True),
-                mod.register_state_dict_post_hook(_sd_hook(ref, mod)),
-                mod.register_load_state_dict_pre_hook(_load_pre_hook(ref, mine)),
-                mod.register_load_state_dict_post_hook(_load_post_hook(ref, mine)),
+                mod.register_forward_pre_hook(_pre_hook(self, mine)),
+                mod.register_forward_hook(_post_hook(self, mine), always_call=True),
+                mod.register_state_dict_post_hook(_sd_hook(self, mod)),
+                mod.register_load_state_dict_pre_hook(_load_pre_hook(self, mine)),
+                mod.register_load_state_dict_post_hook(_load_post_hook(self, mine)),
             ]
 
     # -- weights in and out of floating point
@@ -292,13 +291,11 @@ class QGaLoreOptimizer(LowRankOptimizer):
             p.data.copy_(dequantize8(self.weight_of(p), p.shape, p.dtype))
 
 
-# module hooks (the optimizer owns the weights, the model holds the hooks and through them the optimizer)
+# module hooks: the optimizer owns the weights; the model holds the hooks and, through them, the
+# optimizer (so the weights live as long as the model does)
 
-def _pre_hook(ref, params):
+def _pre_hook(opt, params):
     def hook(module, args):
-        opt = ref()
-        if opt is None:
-            return
         for p in params:
             opt._materialize(p)
         if torch.is_grad_enabled():
@@ -308,43 +305,33 @@ def _pre_hook(ref, params):
     return hook
 
 
-def _post_hook(ref, params):
+def _post_hook(opt, params):
     def hook(module, args, output):
         stack = module.__dict__.get("_qgalore_ctx")
         if stack:
             stack.pop().__exit__(None, None, None)
-        opt = ref()
-        if opt is not None:
-            for p in params:
-                opt._release(p)
+        for p in params:
+            opt._release(p)
     return hook
 
 
-def _sd_hook(ref, module):
+def _sd_hook(opt, module):
     def hook(mod, state_dict, prefix, local_metadata):
-        opt = ref()
-        if opt is None:
-            return
         for name, p in module._parameters.items():
             if p is not None and id(p) in opt._qset and prefix + name in state_dict:
                 state_dict[prefix + name] = dequantize8(opt.weight_of(p), p.shape, p.dtype)
     return hook
 
 
-def _load_pre_hook(ref, params):
+def _load_pre_hook(opt, params):
     def hook(module, state_dict, prefix, *rest):
-        opt = ref()
-        if opt is not None:
-            for p in params:
-                opt._materialize(p)   # a real float tensor to copy into
+        for p in params:
+            opt._materialize(p)               # a real float tensor to copy into
     return hook
 
 
-def _load_post_hook(ref, params):
+def _load_post_hook(opt, params):
     def hook(module, incompatible_keys):
-        opt = ref()
-        if opt is None:
-            return
         for p in params:
             quantize8_(p.data, opt.weight_of(p), opt.weight_group_size)   # what was loaded, round to nearest
             opt._release(p)
