@@ -4,9 +4,18 @@ against full-rank AdamW and a pure low-rank factorisation W = B A of the same ra
 Each run: 2 blocks, hidden 64, vocab 256 (bytes), batch 8 x 32, 600 steps, 30 warm-up steps then a
 constant lr, rank 4 (1/16 of the hidden size), refresh gap 50, scale 0.25.  Learning rates: the
 best of a grid measured once per method (AdamW {1e-3, 3e-3}: 1e-3; factorisation {3e-3, 1e-2}:
-3e-3; GaLore {1e-2, 3e-2}: 3e-2; Fira: 3e-2, the GaLore recipe).  Measured eval losses
-(nats/byte): AdamW 1.746, GaLore 1.799, Fira 1.624, factorisation 1.879; the runs are
-deterministic, the margins below leave room for BLAS differences across machines.
+3e-3; GaLore {1e-2, 3e-2}: 3e-2; Fira: 3e-2, the GaLore recipe).  The test runs seed 0 (model init
+and batch order); the margins asserted below hold on each of seeds 0, 1, 2, measured once with this
+setup (eval loss, nats/byte):
+
+    seed | AdamW  GaLore  Fira   factorisation | GaLore-AdamW  fact.-GaLore  fact.-Fira
+      0  | 1.746  1.799   1.624  1.879         |   +0.053        0.080        0.255
+      1  | 1.778  1.864   1.674  1.910         |   +0.086        0.046        0.236
+      2  | 1.765  1.913   1.684  1.993         |   +0.148        0.080        0.309
+
+Running all three seeds here would cost ~3x this file's 21-28 s (each run is 600 steps), so one seed
+runs and its margins are the ones that survived all three.  The runs are deterministic; the
+margins leave room for BLAS differences across machines.
 """
 
 from __future__ import annotations
@@ -98,6 +107,7 @@ def losses():
 def test_galore_and_fira_against_adamw_and_low_rank(losses):
     full, low, gal, fir = losses["adamw"], losses["lowrank"], losses["galore"], losses["fira"]
     print(f"eval loss (nats/byte): adamw {full:.3f}  lowrank {low:.3f}  galore {gal:.3f}  fira {fir:.3f}")
-    assert gal < full + 0.1 and fir < full + 0.1            # within 0.1 nat/byte of full-rank AdamW (Fira: below it)
-    assert gal < low - 0.04                                  # below the same-rank factorisation (measured: 0.08)
-    assert fir < low - 0.15                                  # clearly below it (measured: 0.26)
+    assert gal < full + 0.16                 # GaLore within 0.16 of full-rank AdamW (seeds 0-2: 0.05-0.15)
+    assert fir < full - 0.04                 # Fira below AdamW (seeds 0-2: by 0.08-0.12)
+    assert gal < low - 0.03                  # GaLore below the same-rank factorisation (seeds 0-2: 0.05-0.08)
+    assert fir < low - 0.15                  # Fira clearly below it (seeds 0-2: 0.24-0.31)
