@@ -4,7 +4,9 @@ The update is a sum of r Kronecker products of small factors:
 
     ΔW = (alpha / r) · Σ_k A_k ⊗ B_k,     A_k ∈ R^{m1×n1}, B_k ∈ R^{m2×n2},  out = m1·m2, in = n1·n2
 
-applied without forming ΔW: with X = x reshaped to (n1, n2) row-major, (A ⊗ B) x = vec(A X Bᵀ).
+applied without forming ΔW: with X = x reshaped to (n1, n2) row-major, (A ⊗ B) x = vec(A X Bᵀ),
+over chunks of tokens in a custom autograd Function that keeps only x and the factors for
+backward (the per-token r·n1·m2 intermediate X B_kᵀ is recomputed, chunk by chunk, in cache).
 The factor shape (m1, n1) is an option; by default m1 (n1) is the largest divisor of out (in)
 not above its square root, so both factors are about sqrt(out) × sqrt(in).
 
@@ -48,6 +50,57 @@ def kron_rearrange(weight: torch.Tensor, m1: int, n1: int) -> torch.Tensor:
     o, i = weight.shape
     m2, n2 = o // m1, i // n1
     return weight.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+
+
+#: tokens per chunk are chosen so one chunk's (tokens, r, n1, m2) intermediate has about this many
+#: elements (1 MiB in fp32): it stays in cache, and nothing of that size is kept for backward
+CHUNK_ELEMENTS = 1 << 18
+
+
+class _KronApply(torch.autograd.Function):
+    """Y_t = Σ_k A_k X_t B_kᵀ over token chunks; saves only x and the factors, recomputes in backward.
+
+    Autograd through the two einsums would keep the (..., r, n1, m2) intermediate X B_kᵀ of every
+    token for backward, r·n1·m2 floats per token (8x the layer's output at the anchor shapes).
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, chunk):  # x (..., n1·n2), A (r, m1, n1), B (r, m2, n2)
+        r, m1, n1 = A.shape
+        _, m2, n2 = B.shape
+        X = x.reshape(-1, n1, n2)  # (T, n1, n2)
+        Bt = B.reshape(r * m2, n2).T  # (n2, r m2)
+        Ap = A.permute(1, 2, 0).reshape(m1, n1 * r)  # A'[i, (j, k)] = A_k[i, j]
+        Y = x.new_empty(X.shape[0], m1, m2)
+        for s in range(0, X.shape[0], chunk):
+            XB = X[s : s + chunk].reshape(-1, n2) @ Bt  # (c n1, r m2) laid out (t, j, k, m): X_t B_kᵀ
+            torch.matmul(Ap, XB.view(-1, n1 * r, m2), out=Y[s : s + chunk])  # Σ_{j,k} A_k[i,j] (X_t B_kᵀ)[j,m]
+        ctx.save_for_backward(x, A, B)
+        ctx.chunk = chunk
+        return Y.view(*x.shape[:-1], m1 * m2)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, A, B = ctx.saved_tensors
+        r, m1, n1 = A.shape
+        _, m2, n2 = B.shape
+        X = x.reshape(-1, n1, n2)
+        gY = gy.reshape(-1, m1, m2)  # (T, m1, m2)
+        Bf = B.reshape(r * m2, n2)
+        Ap = A.permute(1, 2, 0).reshape(m1, n1 * r)
+        dx = torch.empty_like(X)
+        dAp = A.new_zeros(m1, n1 * r)
+        dB = B.new_zeros(r * m2, n2)
+        for s in range(0, X.shape[0], ctx.chunk):
+            Xc, g = X[s : s + ctx.chunk].reshape(-1, n2), gY[s : s + ctx.chunk]  # (c n1, n2), (c, m1, m2)
+            c = g.shape[0]
+            XB = (Xc @ Bf.T).view(c, n1 * r, m2)  # recomputed X_t B_kᵀ
+            dXB = torch.matmul(Ap.T, g).view(c * n1, r * m2)  # dL/d(X_t B_kᵀ) = A_kᵀ G_t
+            torch.mm(dXB, Bf, out=dx[s : s + ctx.chunk].view(-1, n2))  # Σ_k A_kᵀ G_t B_k
+            dB.addmm_(dXB.T, Xc)  # Σ_t (A_kᵀ G_t)ᵀ X_t
+            dAp.addmm_(g.transpose(0, 1).reshape(m1, c * m2), XB.transpose(1, 2).reshape(c * m2, n1 * r))
+        dA = dAp.view(m1, n1, r).permute(2, 0, 1)  # Σ_t G_t (X_t B_kᵀ)ᵀ
+        return dx.view(x.shape), dA, dB.view(r, m2, n2), None
 
 
 @register_method
@@ -110,10 +163,9 @@ class Kron(Adapter):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
         m1, n1, m2, n2 = self.shapes
-        X = x.reshape(*x.shape[:-1], n1, n2)  # (..., n1, n2)
-        XB = torch.einsum("...jl,kml->...kjm", X, self.kron_B)  # (..., r, n1, m2)   X B_kᵀ
-        Y = torch.einsum("kij,...kjm->...im", self.kron_A, XB)  # (..., m1, m2)     Σ_k A_k X B_kᵀ
-        return base_out + (self.scaling * Y.reshape(*x.shape[:-1], self.out_features)).to(base_out.dtype)
+        chunk = max(1, CHUNK_ELEMENTS // (self.kron_A.shape[0] * n1 * m2))  # tokens per chunk
+        y = _KronApply.apply(x, self.scaling * self.kron_A, self.kron_B, chunk)  # (..., out) = vec(Σ_k A_k X B_kᵀ)
+        return base_out + y.to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         m1, n1, m2, n2 = self.shapes
