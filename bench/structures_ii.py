@@ -104,10 +104,22 @@ def micro(rounds: int, tokens: int) -> None:
                 p.normal_(0, 0.02)
         return m
 
+    from lowrank.adapters.kron import Kron
+
+    chunked_kron = Kron.forward
+
+    def einsum_kron(self, x, base_out, base):  # the previous forward: autograd keeps X B_kᵀ
+        m1, n1, m2, n2 = self.shapes
+        XB = torch.einsum("...jl,kml->...kjm", x.reshape(*x.shape[:-1], n1, n2), self.kron_B)
+        Y = torch.einsum("kij,...kjm->...im", self.kron_A, XB)
+        return base_out + self.scaling * Y.reshape(*x.shape[:-1], self.out_features)
+
     variants = {  # name -> (method, options, setup run before each call)
         "lora": ("lora", {}, lambda: None),
         "c3a-b32 gemm": ("c3a", {"block_size": 32}, lambda: setattr(c3a_mod, "GEMM_DFT_MAX_BLOCK", 64)),
         "c3a-b32 rfft": ("c3a", {"block_size": 32}, lambda: setattr(c3a_mod, "GEMM_DFT_MAX_BLOCK", 0)),
+        "kron chunked": ("kron", {}, lambda: setattr(Kron, "forward", chunked_kron)),
+        "kron einsum": ("kron", {}, lambda: setattr(Kron, "forward", einsum_kron)),
     }
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {tokens} tokens, forward + backward, "
           f"median of {rounds} interleaved rounds")
@@ -122,7 +134,7 @@ def micro(rounds: int, tokens: int) -> None:
                 m(x).square().mean().backward()
                 if r:
                     times[n].append(time.perf_counter() - t)
-        c3a_mod.GEMM_DFT_MAX_BLOCK = 64
+        c3a_mod.GEMM_DFT_MAX_BLOCK, Kron.forward = 64, chunked_kron
         base = statistics.median(times["lora"])
         print(f"{i} -> {o}: " + ", ".join(
             f"{n} {statistics.median(v) * 1e3:.1f} ms ({statistics.median(v) / base:.2f}x)" for n, v in times.items()))
