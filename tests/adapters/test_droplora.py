@@ -26,7 +26,8 @@ def _pair():
 def test_eval_equals_lora_without_mask():
     drop, lora = _pair()
     x = x_in()
-    torch.testing.assert_close(drop(x), lora(x), atol=0, rtol=0)
+    # to float rounding: LoRA's fused kernel adds W x onto the low-rank term, the plain path the reverse
+    torch.testing.assert_close(drop(x), lora(x), atol=1e-6, rtol=0)
 
 
 def test_training_masks_whole_rank_components():
