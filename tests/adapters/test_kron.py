@@ -62,3 +62,84 @@ def test_chunked_function_gradients_match_explicit_kron(chunk):
     for got, ref in ((x.grad, x2.grad), (A.grad, A2.grad), (B.grad, B2.grad)):
         torch.testing.assert_close(got, ref)
     assert torch.autograd.gradcheck(lambda x, A, B: _KronApply.apply(x, A, B, 2), (x[:1, :3], A, B))
+
+
+def _kron_weight(sigmas, noise=1e-4, seed=0):
+    """A 48x32 weight Σ_k σ_k U_k ⊗ V_k (U_k 6x4, V_k 8x8 orthonormal in the Frobenius sense) + noise."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(24, len(sigmas), generator=g))[0].T.reshape(-1, 6, 4)
+    V = torch.linalg.qr(torch.randn(64, len(sigmas), generator=g))[0].T.reshape(-1, 8, 8)
+    W = sum(s * torch.kron(U[k], V[k]) for k, s in enumerate(sigmas))
+    return W + noise * torch.randn(48, 32, generator=g)
+
+
+def _adapt_on(W, **opts):
+    m = layer(32, 48)
+    with torch.no_grad():
+        m[0].weight.copy_(W)
+    lowrank.adapt(m, "kron", a_rows=6, a_cols=4, **opts)
+    return m, adapter_of(m)
+
+
+def test_rank_selection_finds_the_number_of_significant_kronecker_terms():
+    W = _kron_weight([3.0, 2.0, 1.5])  # three significant terms, the other 21 are noise
+    for crit in ("elbow", "energy_elbow"):
+        _, a = _adapt_on(W, rank=8, rank_selection=crit, factor_init="kpsvd")
+        assert a.rank == 3 and a.kron_A.shape == (3, 6, 4) and a.kron_B.shape == (3, 8, 8), crit
+    # energy: σ² = 9, 4, 2.25 -> cumulative 0.59, 0.86, 1.0: the smallest k reaching the threshold
+    for tau, k in ((0.5, 1), (0.6, 2), (0.8, 2), (0.9, 3), (1.0, 8)):  # tau 1.0 needs the noise too: cap 8
+        _, a = _adapt_on(W, rank=8, rank_selection="energy", energy_threshold=tau)
+        assert a.rank == k, (tau, a.rank)
+    _, a = _adapt_on(W, rank=2, rank_selection="elbow")  # never above the cap
+    assert a.rank == 2
+
+
+def test_energy_selection_is_the_smallest_k_reaching_the_threshold():
+    from lowrank.adapters.kron import kron_rearrange, select_rank
+
+    W = torch.randn(48, 32, generator=torch.Generator().manual_seed(4))  # a slowly decaying spectrum
+    s = torch.linalg.svdvals(kron_rearrange(W, 6, 4)).double()
+    energy = (s * s).cumsum(0) / (s * s).sum()
+    for tau in (0.3, 0.6, 0.9):
+        k = select_rank(s, 24, "energy", tau)
+        assert energy[k - 1] >= tau and (k == 1 or energy[k - 2] < tau)
+    _, a = _adapt_on(W, rank=24, rank_selection="energy", energy_threshold=0.6)
+    assert a.rank == select_rank(s, 24, "energy", 0.6)
+
+
+def test_per_layer_selected_ranks_count_and_save_load(tmp_path):
+    def mlp():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 48)).eval()
+        with torch.no_grad():
+            m[0].weight.copy_(_kron_weight([3.0, 2.0, 1.5], seed=1))
+            m[4].weight.copy_(_kron_weight([4.0, 1.0, 0.8, 0.7, 0.6], seed=2))
+        return m
+
+    model = mlp()
+    opts = dict(a_rows=6, a_cols=4, rank_selection="elbow", factor_init="kpsvd")
+    lowrank.adapt(model, "kron", rank=8, targets=["0", "4"], **opts)
+    layers = dict(lowrank.adapted_layers(model))
+    ranks = {p: layers[p].adapters["default"].rank for p in ("0", "4")}
+    assert ranks == {"0": 3, "4": 5}, ranks  # each layer keeps its own number of significant terms
+    cls = lowrank.get_method("kron")
+    expect = sum(cls.trainable_count(32, 48, r, **opts) for r in ranks.values())
+    assert sum(p.numel() for _, p in lowrank.trainable_parameters(model)) == expect == 8 * (24 + 64)
+    perturb(model)
+    x = x_in()
+    with torch.no_grad():
+        before = model(x)
+    lowrank.save_adapter(model, tmp_path / "k")
+    fresh = mlp()
+    lowrank.load_adapter(fresh, tmp_path / "k")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), before, atol=1e-6, rtol=0)
+    assert {p: l.adapters["default"].rank for p, l in lowrank.adapted_layers(fresh)} == ranks
+
+
+def test_rank_selection_options_are_checked():
+    with pytest.raises(lowrank.ConfigError, match="rank_selection"):
+        lowrank.adapt(layer(32, 48), "kron", rank=2, rank_selection="knee")
+    with pytest.raises(lowrank.ConfigError, match="energy_threshold"):
+        lowrank.adapt(layer(32, 48), "kron", rank=2, rank_selection="energy", energy_threshold=1.5)

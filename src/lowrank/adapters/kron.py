@@ -14,10 +14,26 @@ Initialisation (``factor_init=``): ``"lora"`` draws A_k Kaiming-uniform and sets
 ``"kpsvd"`` takes the A_k from the Kronecker-product SVD of W (Van Loan's rearrangement
 R(W) = Σ σ_k vec(U_k) vec(V_k)ᵀ, A_k = sqrt(σ_k) U_k), B_k = 0: the principal Kronecker
 directions of W, still starting at W.  SoKA's residual form (moving the principal components
-out of W into the adapter, as PiSSA does) changes W and belongs to the init axis; it is not done
-here, nor is SoKA's energy/elbow rank selection (the rank is the ``rank`` argument).
+out of W into the adapter, as PiSSA does) changes W and belongs to the init axis; it is not done here.
 
-Trainable parameters per layer: r · (m1·n1 + m2·n2).
+Spectrum-aware rank selection (``rank_selection=``), SoKA's per-layer choice of how many
+Kronecker terms to keep.  No reference code was found; this is our reading of the abstract
+("an adaptive rank selection algorithm uses energy-threshold and elbow-point criteria to prune
+negligible components") applied to the KPSVD spectrum σ_1 >= σ_2 >= ... of R(W):
+
+* ``"energy"``: the smallest k with Σ_{i<=k} σ_i² / Σ_i σ_i² >= ``energy_threshold``;
+* ``"elbow"``: the k before the sharpest relative drop of the whole spectrum, argmax_k log(σ_k / σ_{k+1});
+* ``"energy_elbow"``: the larger of the two, i.e. a term is pruned only when both criteria
+  call it negligible (the elbow alone can cut a slowly decaying spectrum to one term);
+
+always clipped to [1, ``rank``]: ``rank`` is the cap r_max.  The layer then has k terms
+(``self.rank`` = k, scaling alpha / k as PEFT's per-module ranks); the tensor shapes (k, m1, n1)
+carry it in the saved file, and ``load_adapter`` recomputes the same k from the same base weight
+(a base whose spectrum selects another k is refused with the key and both shapes).
+``trainable_count(in, out, k)`` is exact with the layer's selected k (the count cannot be known
+from the shapes alone: it depends on W).  ``"fixed"`` (default) keeps ``rank`` terms.
+
+Trainable parameters per layer: r · (m1·n1 + m2·n2), r = rank or the selected k.
 """
 
 from __future__ import annotations
@@ -43,6 +59,29 @@ def factor_shapes(in_features: int, out_features: int, a_rows: int = 0, a_cols: 
     m1 = a_rows or _near_sqrt_divisor(out_features)
     n1 = a_cols or _near_sqrt_divisor(in_features)
     return m1, n1, out_features // m1, in_features // n1
+
+
+RANK_SELECTIONS = ("fixed", "energy", "elbow", "energy_elbow")
+
+
+def select_rank(spectrum: torch.Tensor, cap: int, criterion: str, energy_threshold: float = 0.9) -> int:
+    """The number of Kronecker terms to keep from a descending KPSVD spectrum (see the module doc)."""
+    if criterion == "fixed":
+        return cap
+    s = spectrum.double()
+    if s.numel() == 0 or s[0] <= 0:
+        return 1
+    chosen = []
+    if criterion in ("energy", "energy_elbow"):
+        energy = (s * s).cumsum(0) / (s * s).sum()  # fraction of ||W||_F² in the first k terms
+        chosen.append(int((energy < energy_threshold - 1e-12).sum()) + 1)  # smallest k reaching it
+    if criterion in ("elbow", "energy_elbow"):
+        if s.numel() < 2:
+            chosen.append(1)
+        else:  # over the whole spectrum (then capped); below 1e-7 σ_1 is fp32 SVD noise, not a drop
+            logs = s.clamp_min(s[0] * 1e-7).log()
+            chosen.append(int((logs[:-1] - logs[1:]).argmax()) + 1)
+    return max(1, min(cap, max(chosen)))
 
 
 def kron_rearrange(weight: torch.Tensor, m1: int, n1: int) -> torch.Tensor:
@@ -121,17 +160,22 @@ class Kron(Adapter):
         a_rows: int = 0,
         a_cols: int = 0,
         factor_init: str = "lora",
+        rank_selection: str = "fixed",
+        energy_threshold: float = 0.9,
     ):
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
         m1, n1, m2, n2 = self.shapes = factor_shapes(self.in_features, self.out_features, a_rows, a_cols)
-        self.kron_A = nn.Parameter(torch.empty(rank, m1, n1))  # A_k
-        self.kron_B = nn.Parameter(torch.zeros(rank, m2, n2))  # B_k
-        if factor_init == "kpsvd" and base.weight.device.type != "meta":
+        U = S = None
+        if (factor_init == "kpsvd" or rank_selection != "fixed") and base.weight.device.type != "meta":
             with torch.no_grad():
                 R = kron_rearrange(base.weight.float(), m1, n1)  # (m1 n1, m2 n2)
-                U, S, _ = torch.linalg.svd(R, full_matrices=False)
-                a = (U[:, :rank] * S[:rank].sqrt()).T.reshape(rank, m1, n1)
-                self.kron_A.copy_(a)
+                U, S, _ = torch.linalg.svd(R, full_matrices=False)  # KPSVD: W = Σ σ_k U_k ⊗ V_k
+        rank = self.rank = select_rank(S, rank, rank_selection, energy_threshold) if S is not None else rank
+        self.kron_A = nn.Parameter(torch.empty(rank, m1, n1))  # A_k
+        self.kron_B = nn.Parameter(torch.zeros(rank, m2, n2))  # B_k
+        if factor_init == "kpsvd" and U is not None:
+            with torch.no_grad():
+                self.kron_A.copy_((U[:, :rank] * S[:rank].sqrt()).T.reshape(rank, m1, n1))
         else:
             for k in range(rank):
                 nn.init.kaiming_uniform_(self.kron_A.data[k], a=math.sqrt(5))
@@ -142,10 +186,20 @@ class Kron(Adapter):
 
     @classmethod
     def validate(
-        cls, base: BaseLayer, rank: int, path: str, a_rows: int = 0, a_cols: int = 0, factor_init: str = "lora", **options: Any
+        cls, base: BaseLayer, rank: int, path: str, a_rows: int = 0, a_cols: int = 0, factor_init: str = "lora",
+        rank_selection: str = "fixed", energy_threshold: float = 0.9, **options: Any
     ) -> None:
         if factor_init not in cls.INITS:
             raise ConfigError(f"kron option factor_init={factor_init!r}: choose one of {cls.INITS}")
+        if rank_selection not in RANK_SELECTIONS:
+            raise ConfigError(f"kron option rank_selection={rank_selection!r}: choose one of {RANK_SELECTIONS}")
+        if isinstance(energy_threshold, bool) or not isinstance(energy_threshold, (int, float)) \
+                or not 0 < energy_threshold <= 1:
+            raise ConfigError(f"kron option energy_threshold must be in (0, 1], got {energy_threshold!r}")
+        if rank_selection != "fixed" and base.weight.device.type == "meta":
+            raise ConfigError(
+                f"kron rank_selection={rank_selection!r} needs the values of {path!r}'s weight (it is on 'meta')"
+            )
         for k, v in (("a_rows", a_rows), ("a_cols", a_cols)):
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"kron option {k} must be a non-negative integer (0 = automatic), got {v!r}")
@@ -176,5 +230,6 @@ class Kron(Adapter):
     def trainable_count(
         cls, in_features: int, out_features: int, rank: int, a_rows: int = 0, a_cols: int = 0, **options: Any
     ) -> int:
+        """``rank``: the layer's number of Kronecker terms (with ``rank_selection``, its selected k)."""
         m1, n1, m2, n2 = factor_shapes(in_features, out_features, a_rows, a_cols)
         return rank * (m1 * n1 + m2 * n2)
