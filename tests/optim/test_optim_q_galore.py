@@ -252,3 +252,25 @@ def test_works_on_a_plain_mlp_and_layerwise():
     assert float((m(x) - y).square().mean()) < 0.9 * first
     assert all(p.grad is None for p in (m[0].weight, m[2].weight))
     assert isinstance(opt.weight_of(m[0].weight), Int8Weight)
+
+
+def test_hugging_face_trainer_trains_and_checkpoints_int8_weights(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    from test_optim_hf_trainer import Rows
+
+    m, opt = make(tiny_llama(0))
+    p = m.model.layers[0].mlp.up_proj.weight
+    before = dequantize8(opt.weight_of(p), p.shape, p.dtype)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, save_steps=3,
+                             report_to=[], use_cpu=True, logging_steps=1, max_grad_norm=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    Trainer(model=m, args=args, train_dataset=Rows(), optimizers=(opt, sched)).train()
+    after = dequantize8(opt.weight_of(p), p.shape, p.dtype)
+    assert not torch.equal(before, after)
+    saved = load_file(tmp_path / "checkpoint-3" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    torch.testing.assert_close(saved, after)                    # the checkpoint holds the float weights
+    m2, fresh = make(tiny_llama(0))
+    fresh.load_state_dict(torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True))
+    assert torch.equal(fresh.weight_of(m2.model.layers[0].mlp.up_proj.weight).codes, opt.weight_of(p).codes)
