@@ -48,20 +48,21 @@ def test_factor_shapes_must_divide():
         lowrank.adapt(layer(32, 48), "kron", rank=2, a_rows=48, a_cols=32)
 
 
+@pytest.mark.parametrize("swap", [False, True])  # X B_kᵀ first, or A_k X first (the transposed problem)
 @pytest.mark.parametrize("chunk", [1, 4, 100])  # several chunks with a ragged last one, and one chunk
-def test_chunked_function_gradients_match_explicit_kron(chunk):
+def test_chunked_function_gradients_match_explicit_kron(chunk, swap):
     torch.manual_seed(0)
     A = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)  # r=3, A_k 6x4, B_k 8x8
     B = torch.randn(3, 8, 8, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 5, 48, dtype=torch.float64)
-    (_KronApply.apply(x, A, B, chunk) * g).sum().backward()
+    (_KronApply.apply(x, A, B, chunk, swap) * g).sum().backward()
     A2, B2, x2 = (t.detach().clone().requires_grad_(True) for t in (A, B, x))
     dense = sum(torch.kron(A2[k], B2[k]) for k in range(3))  # (48, 32)
     (x2 @ dense.T * g).sum().backward()
     for got, ref in ((x.grad, x2.grad), (A.grad, A2.grad), (B.grad, B2.grad)):
         torch.testing.assert_close(got, ref)
-    assert torch.autograd.gradcheck(lambda x, A, B: _KronApply.apply(x, A, B, 2), (x[:1, :3], A, B))
+    assert torch.autograd.gradcheck(lambda x, A, B: _KronApply.apply(x, A, B, 2, swap), (x[:1, :3], A, B))
 
 
 def _kron_weight(sigmas, noise=1e-4, seed=0):

@@ -96,50 +96,78 @@ def kron_rearrange(weight: torch.Tensor, m1: int, n1: int) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 18
 
 
+def kron_order(shapes: tuple[int, int, int, int], rank: int) -> tuple[bool, int]:
+    """(swap, tokens per chunk) for the cheaper association of Σ_k A_k X B_kᵀ.
+
+    X B_kᵀ first costs r·n1·m2·(n2 + m1) multiply-adds per token; A_k X first (computed as the
+    transposed problem Yᵀ = Σ_k B_k Xᵀ A_kᵀ) costs r·n2·m1·(n1 + m2).
+    """
+    m1, n1, m2, n2 = shapes
+    swap = n2 * m1 * (n1 + m2) < n1 * m2 * (n2 + m1)
+    inner = rank * (n2 * m1 if swap else n1 * m2)  # the per-token intermediate
+    return swap, max(1, CHUNK_ELEMENTS // inner)
+
+
+def _left(L: torch.Tensor) -> torch.Tensor:
+    """L (r, a, p) -> L' (a, p·r) with L'[i, (j, k)] = L_k[i, j]."""
+    r, a, p = L.shape
+    return L.permute(1, 2, 0).reshape(a, p * r)
+
+
 class _KronApply(torch.autograd.Function):
     """Y_t = Σ_k A_k X_t B_kᵀ over token chunks; saves only x and the factors, recomputes in backward.
 
     Autograd through the two einsums would keep the (..., r, n1, m2) intermediate X B_kᵀ of every
     token for backward, r·n1·m2 floats per token (8x the layer's output at the anchor shapes).
+    Each chunk computes Z_t = Σ_k L_k V_t R_kᵀ: (L, V, R, Z) = (A, X_t, B, Y_t), or with ``swap``
+    (B, X_tᵀ, A, Y_tᵀ), whichever association is cheaper.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, chunk):  # x (..., n1·n2), A (r, m1, n1), B (r, m2, n2)
+    def forward(ctx, x, A, B, chunk, swap):  # x (..., n1·n2), A (r, m1, n1), B (r, m2, n2)
         r, m1, n1 = A.shape
         _, m2, n2 = B.shape
         X = x.reshape(-1, n1, n2)  # (T, n1, n2)
-        Bt = B.reshape(r * m2, n2).T  # (n2, r m2)
-        Ap = A.permute(1, 2, 0).reshape(m1, n1 * r)  # A'[i, (j, k)] = A_k[i, j]
+        L, R = (B, A) if swap else (A, B)  # L (r, a, p), R (r, b, q)
+        Lp, Rt = _left(L), R.reshape(-1, R.shape[2]).T  # (a, p r), (q, r b)
         Y = x.new_empty(X.shape[0], m1, m2)
         for s in range(0, X.shape[0], chunk):
-            XB = X[s : s + chunk].reshape(-1, n2) @ Bt  # (c n1, r m2) laid out (t, j, k, m): X_t B_kᵀ
-            torch.matmul(Ap, XB.view(-1, n1 * r, m2), out=Y[s : s + chunk])  # Σ_{j,k} A_k[i,j] (X_t B_kᵀ)[j,m]
+            V = X[s : s + chunk].transpose(1, 2) if swap else X[s : s + chunk]  # (c, p, q)
+            c, p, q = V.shape
+            VR = (V.reshape(c * p, q) @ Rt).view(c, p * r, -1)  # (t, (j, k), m): V_t R_kᵀ
+            Z = torch.matmul(Lp, VR)  # (c, a, b): Σ_{j,k} L_k[i,j] (V_t R_kᵀ)[j,m]
+            Y[s : s + chunk] = Z.transpose(1, 2) if swap else Z
         ctx.save_for_backward(x, A, B)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.swap = chunk, swap
         return Y.view(*x.shape[:-1], m1 * m2)
 
     @staticmethod
     def backward(ctx, gy):
         x, A, B = ctx.saved_tensors
+        swap = ctx.swap
         r, m1, n1 = A.shape
         _, m2, n2 = B.shape
         X = x.reshape(-1, n1, n2)
         gY = gy.reshape(-1, m1, m2)  # (T, m1, m2)
-        Bf = B.reshape(r * m2, n2)
-        Ap = A.permute(1, 2, 0).reshape(m1, n1 * r)
+        L, R = (B, A) if swap else (A, B)
+        Lp, Rf = _left(L), R.reshape(-1, R.shape[2])  # (a, p r), (r b, q)
         dx = torch.empty_like(X)
-        dAp = A.new_zeros(m1, n1 * r)
-        dB = B.new_zeros(r * m2, n2)
+        dLp, dRf = torch.zeros_like(Lp), torch.zeros_like(Rf)
         for s in range(0, X.shape[0], ctx.chunk):
-            Xc, g = X[s : s + ctx.chunk].reshape(-1, n2), gY[s : s + ctx.chunk]  # (c n1, n2), (c, m1, m2)
-            c = g.shape[0]
-            XB = (Xc @ Bf.T).view(c, n1 * r, m2)  # recomputed X_t B_kᵀ
-            dXB = torch.matmul(Ap.T, g).view(c * n1, r * m2)  # dL/d(X_t B_kᵀ) = A_kᵀ G_t
-            torch.mm(dXB, Bf, out=dx[s : s + ctx.chunk].view(-1, n2))  # Σ_k A_kᵀ G_t B_k
-            dB.addmm_(dXB.T, Xc)  # Σ_t (A_kᵀ G_t)ᵀ X_t
-            dAp.addmm_(g.transpose(0, 1).reshape(m1, c * m2), XB.transpose(1, 2).reshape(c * m2, n1 * r))
-        dA = dAp.view(m1, n1, r).permute(2, 0, 1)  # Σ_t G_t (X_t B_kᵀ)ᵀ
-        return dx.view(x.shape), dA, dB.view(r, m2, n2), None
+            V = X[s : s + ctx.chunk].transpose(1, 2) if swap else X[s : s + ctx.chunk]  # (c, p, q)
+            G = gY[s : s + ctx.chunk].transpose(1, 2) if swap else gY[s : s + ctx.chunk]  # (c, a, b) = dL/dZ
+            c, p, q = V.shape
+            V2 = V.reshape(c * p, q)
+            VR = (V2 @ Rf.T).view(c, p * r, -1)  # recomputed V_t R_kᵀ
+            dVR = torch.matmul(Lp.T, G).view(c * p, -1)  # dL/d(V_t R_kᵀ) = L_kᵀ G_t   (c p, r b)
+            dV = (dVR @ Rf).view(c, p, q)  # Σ_k L_kᵀ G_t R_k
+            dx[s : s + ctx.chunk] = dV.transpose(1, 2) if swap else dV
+            dRf.addmm_(dVR.T, V2)  # Σ_t (L_kᵀ G_t)ᵀ V_t
+            dLp.addmm_(G.transpose(0, 1).reshape(Lp.shape[0], -1), VR.transpose(1, 2).reshape(-1, Lp.shape[1]))
+        dL = dLp.view(L.shape[1], L.shape[2], r).permute(2, 0, 1)  # Σ_t G_t (V_t R_kᵀ)ᵀ
+        dR = dRf.view(R.shape)
+        dA, dB = (dR, dL) if swap else (dL, dR)
+        return dx.view(x.shape), dA, dB, None, None
 
 
 @register_method
@@ -216,9 +244,8 @@ class Kron(Adapter):
             )
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
-        m1, n1, m2, n2 = self.shapes
-        chunk = max(1, CHUNK_ELEMENTS // (self.kron_A.shape[0] * n1 * m2))  # tokens per chunk
-        y = _KronApply.apply(x, self.scaling * self.kron_A, self.kron_B, chunk)  # (..., out) = vec(Σ_k A_k X B_kᵀ)
+        swap, chunk = kron_order(self.shapes, self.kron_A.shape[0])
+        y = _KronApply.apply(x, self.scaling * self.kron_A, self.kron_B, chunk, swap)  # (..., out) = vec(Σ_k A_k X B_kᵀ)
         return base_out + y.to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
