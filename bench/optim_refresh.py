@@ -218,6 +218,7 @@ def memory_section(ours=None, ref=None):
         "apollo-mini r1": lambda m: lo.apollo_mini(m),
         "flora r128": lambda m: lo.flora(m, rank=RANK),
         "q-galore r128 (int4 basis)": lambda m: lo.q_galore(m, rank=RANK),
+        "q-galore r128 + INT8 weights (codes counted here)": lambda m: lo.q_galore(m, rank=RANK, weight_bits=8),
         "osd r128": lambda m: lo.osd(m, rank=RANK),
     }
     print(f"| optimizer | state (MB) | vs AdamW |")

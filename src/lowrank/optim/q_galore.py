@@ -33,7 +33,12 @@ the module that owns it (true for ``nn.Linear`` and transformers' ``Conv1D``).  
 returns the dequantised float weights and ``model.load_state_dict`` re-quantises (round to
 nearest) what it loads; the optimizer's ``state_dict`` carries the codes themselves and the
 rounding generator, so loading the optimizer state *after* the model's resumes bit-identically.
-Move the model to its device / dtype before building the optimizer.  :meth:`QGaLoreOptimizer.unquantize`
+Move the model to its device / dtype before building the optimizer.
+
+Differences from the reference: its inner optimizer is bitsandbytes' 8-bit blockwise AdamW (the
+low-rank moments in 8 bits), ours keeps any ``inner`` optimizer's moments in their own dtype; it
+needs numel % group == 0, we zero-pad the last group; its refreshes fall on multiples of the
+(growing) gap, ours ``gap`` steps after the previous refresh.  :meth:`QGaLoreOptimizer.unquantize`
 writes float weights back into the parameters and removes the hooks (e.g. before export).
 """
 
