@@ -1,6 +1,7 @@
 """Memory and step time of the pretraining parameterisations, side by side in one process.
 
     .venv/bin/python bench/pretrain_params.py [--hidden 256] [--layers 4] [--rank 64] [--steps 12] [--threads 1]
+                                              [--methods a,b,...] [--no-peak]
 
 For each method on the same freshly built Llama (same seed): memory of weights + gradients +
 optimizer state, *measured* (bytes of the distinct tensors the model, its .grad fields and the
@@ -8,7 +9,14 @@ optimizer state hold after a step; freed dense bases count 0) and *by formula* (
 parameter counts x 4 bytes); and the median time of a full training step (forward, backward,
 optimizer step, schedule callback), methods interleaved round-robin so machine load hits all
 alike.  Prints ratios to full-rank AdamW and SLTrain's step time relative to the factorised
-(``lowrank``) baseline.
+(``lowrank``) baseline.  ``sltrain-dense`` is SLTrain through the reference implementation's
+kernel (a transient dense W = B A + scatter(S) per layer, one GEMM on the activations) instead
+of the default sparse kernels: the same function, timed side by side.
+
+Peak memory: each method also runs in a fresh subprocess (build, then 2 training steps) that
+reports its own VmHWM (peak RSS) and its RSS just before the first step; "step peak" = the
+difference = what a training step adds on top of the built model (activations, transients,
+gradients, optimizer state).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -95,6 +104,7 @@ def formula_bytes(method, model_fresh, args):
     per = {
         "lowrank": lambda o, i: LowRank.trainable_count(i, o, r),
         "sltrain": lambda o, i: SLTrain.trainable_count(i, o, r, sparsity=args.sparsity),
+        "sltrain-dense": lambda o, i: SLTrain.trainable_count(i, o, r, sparsity=args.sparsity),
         "lost": lambda o, i: LOST.trainable_count(i, o, r, sparsity=args.lost_sparsity),
         "cola": lambda o, i: CoLA.trainable_count(i, o, r),
     }
@@ -129,6 +139,9 @@ def prepare(method, args):
 
         return model, galore(model, lr=1e-3, rank=args.rank, update_gap=10_000), []
     opts = {"rank": args.rank}
+    kernel = None
+    if method == "sltrain-dense":
+        method, kernel = "sltrain", "dense"
     if method == "sltrain":
         opts["sparsity"] = args.sparsity
     if method == "lost":
@@ -136,7 +149,35 @@ def prepare(method, args):
     if method == "relora":
         opts["every"] = 10_000
     prep = get_recipe(method).build(model, task, lr=1e-3, **opts)
+    if kernel is not None:
+        for _, layer in adapted_layers(prep.model):
+            for a in layer.adapters.values():
+                a.kernel = kernel
     return prep.model, prep.optimizer, prep.callbacks
+
+
+def _status_kb(key):
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key)))
+
+
+def peak_of(method, args, batches):
+    """In this (fresh) process: build, 2 steps; print peak RSS and RSS before the first step (kB)."""
+    model, opt, cbs = prepare(method, args)
+    before = _status_kb("VmRSS")
+    for i in range(2):
+        model(input_ids=batches[i], labels=batches[i]).loss.backward()
+        opt.step()
+        for cb in cbs:
+            cb.step(model, opt, i)
+        opt.zero_grad(set_to_none=False)
+    print(f"PEAK {_status_kb('VmHWM')} {before}")
+
+
+def peak_rss(method, argv):
+    # VmHWM of a fresh process (not ru_maxrss, which Linux carries over execve from this parent)
+    out = subprocess.run([sys.executable, __file__, *argv, "--peak-of", method], capture_output=True, text=True, check=True)
+    hwm, before = next(line for line in out.stdout.splitlines() if line.startswith("PEAK")).split()[1:]
+    return int(hwm) / 1024, (int(hwm) - int(before)) / 1024  # MiB
 
 
 def main():
@@ -153,7 +194,9 @@ def main():
     ap.add_argument("--lost-sparsity", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--methods", default="full,lowrank,sltrain,lost,cola,relora,galore")
+    ap.add_argument("--methods", default="full,lowrank,sltrain,sltrain-dense,lost,cola,relora,galore")
+    ap.add_argument("--no-peak", action="store_true", help="skip the per-method peak-RSS subprocesses")
+    ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -163,6 +206,11 @@ def main():
         methods = [m for m in methods if m != "galore"]
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(4)]
+    if args.peak_of:
+        peak_of(args.peak_of, args, batches)
+        return 0
+    passthrough = [a for a in sys.argv[1:]]
+    peaks = {} if args.no_peak else {m: peak_rss(m, passthrough) for m in methods}
     runs = {m: prepare(m, args) for m in methods}
     fresh = build(args)
 
@@ -194,16 +242,19 @@ def main():
     print(f"Llama h={args.hidden} inter={args.inter} L={args.layers} vocab={args.vocab}, batch {args.batch}x{args.seq}, "
           f"rank {args.rank}, sltrain delta={args.sparsity}, lost rho={args.lost_sparsity}, {args.threads} thread(s), "
           f"median of {args.steps} steps")
-    print(f"{'method':<9} {'weights':>8} {'grads':>8} {'optim':>8} {'total MiB':>9} {'formula':>8} {'vs full':>7} {'step s':>8} {'vs full':>7}")
+    print(f"{'method':<13} {'weights':>8} {'grads':>8} {'optim':>8} {'total MiB':>9} {'formula':>8} {'vs full':>7} "
+          f"{'step s':>8} {'vs full':>7} {'peak RSS':>9} {'step peak':>9}")
     for m in methods:
         w, gr, st = mem[m]
         f = formula_bytes(m, fresh, args)
         ftot = f"{sum(f) * mb:8.2f}" if f else "       -"
         rel = f"{(w + gr + st) / full_mem:7.2f}" if full_mem else "      -"
         trel = f"{med[m] / med['full']:7.2f}" if "full" in med else "      -"
-        print(f"{m:<9} {w*mb:8.2f} {gr*mb:8.2f} {st*mb:8.2f} {(w+gr+st)*mb:9.2f} {ftot} {rel} {med[m]:8.4f} {trel}")
-    if "sltrain" in med and "lowrank" in med:
-        print(f"sltrain step / lowrank step = {med['sltrain'] / med['lowrank']:.2f} (target <= 1.3)")
+        pk = f"{peaks[m][0]:9.1f} {peaks[m][1]:9.1f}" if m in peaks else f"{'-':>9} {'-':>9}"
+        print(f"{m:<13} {w*mb:8.2f} {gr*mb:8.2f} {st*mb:8.2f} {(w+gr+st)*mb:9.2f} {ftot} {rel} {med[m]:8.4f} {trel} {pk}")
+    for m in ("sltrain", "sltrain-dense"):
+        if m in med and "lowrank" in med:
+            print(f"{m} step / lowrank step = {med[m] / med['lowrank']:.2f} (target <= 1.3)")
     return 0
 
 

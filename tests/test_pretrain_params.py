@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lowrank
-from lowrank.adapters._sparse import SparsePattern, sparse_linear
+from lowrank.adapters._sparse import SparsePattern, lowrank_plus_sparse, lowrank_plus_sparse_dense
 from lowrank.adapters.factorized import parameterise, plain_state_dict
 from conftest import tiny_llama
 
@@ -70,22 +70,35 @@ def test_sltrain_holds_indices_plus_values_only():
             assert t.numel() <= max(nnz, 4 * (n_in + n_out) + 1, n_out * 4, n_in * 4), f"{p}: a tensor of {t.numel()}"
 
 
-def test_sparse_kernel_matches_dense_reference():
+def _dense_reference(x, A, B, s, values, flat, n_out, n_in):
+    S = torch.zeros(n_out * n_in, dtype=values.dtype).index_put((flat,), values).view(n_out, n_in)
+    return x @ (s * B @ A + S).t()
+
+
+@pytest.mark.parametrize("kernel", [lowrank_plus_sparse, lowrank_plus_sparse_dense])
+def test_sltrain_kernels_match_dense_reference_in_value_and_gradients(kernel):
     torch.manual_seed(0)
-    n_out, n_in, nnz = 24, 40, 90
+    n_out, n_in, r, nnz = 24, 40, 3, 90
     flat = torch.randperm(n_out * n_in)[:nnz].sort().values
-    values = torch.randn(nnz, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 5, n_in, dtype=torch.float64, requires_grad=True)
     pat = SparsePattern(flat, n_out, n_in)
-    y = sparse_linear(x, values, pat)
-    dense = torch.zeros(n_out * n_in, dtype=torch.float64).index_put((flat,), values).view(n_out, n_in)
-    ref = x @ dense.t()
+    leaves = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+              for shape in [(2, 5, n_in), (r, n_in), (n_out, r), (nnz,)]]
+    x, A, B, values = leaves
+    h = x * 1.5  # a non-leaf input, read by two layers (the shared-input path) then changed in place
+    y = kernel(h, A, B, 0.5, values, pat) + kernel(h, A, B, 0.5, values, pat).sin()
+    ref = _dense_reference(h, A, B, 0.5, values, flat, n_out, n_in)
+    ref = ref + ref.sin()
     torch.testing.assert_close(y, ref)
     gy = torch.randn_like(y)
-    gx, gv = torch.autograd.grad(y, (x, values), gy)
-    rgx, rgv = torch.autograd.grad(ref, (x, values), gy)
-    torch.testing.assert_close(gx, rgx)
-    torch.testing.assert_close(gv, rgv)
+    got = torch.autograd.grad(y, leaves, gy, retain_graph=True)
+    want = torch.autograd.grad(ref, leaves, gy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with torch.no_grad():  # an input modified in place since the last call is not mistaken for the old one
+        h2 = x * 1.5
+        first = kernel(h2, A, B, 0.5, values, pat)
+        h2.mul_(-2.0)
+        torch.testing.assert_close(kernel(h2, A, B, 0.5, values, pat), -2.0 * first)
 
 
 # ---- LOST -------------------------------------------------------------------------------------------------

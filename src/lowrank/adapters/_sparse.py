@@ -1,26 +1,52 @@
-"""y = S x for a sparse S with a fixed support, without ever forming a dense (out, in) matrix.
+"""y = s · B A x + S x for a sparse S with a fixed support: SLTrain's layer as one autograd function.
 
-S is held as its flat indices (row-major, sorted) plus values.  The CSR index structures of S
-and of Sᵀ are derived from the indices once and cached (they never change: the support is
-fixed).  Forward and backward are three sparse kernels:
+S is held as its sorted flat indices (row-major) plus values.  The CSR index structures of S
+and Sᵀ are derived from the indices once and cached (the support never changes).  With x as
+(T, in) rows and dy as (T, out) rows:
 
-    forward      yᵀ     = S xᵀ                CSR(S)  @ xᵀ          (out, T)
-    grad x       dxᵀ    = Sᵀ dyᵀ              CSR(Sᵀ) @ dyᵀ         (in, T)
-    grad values  dS_ij  = Σ_t dy_ti x_tj  on the support only     (sampled dense-dense matmul,
-                                                                  on Sᵀ's support: xᵀ dy)
+    forward    h = x Aᵀ (T, r);   y = s · h Bᵀ + (S xᵀ)ᵀ                       (T, out)
+    backward   g = s · dy B (T, r)
+               dB = s · dyᵀ h,   dA = gᵀ x                                     low-rank, dense GEMMs
+               dx = g A + (Sᵀ dyᵀ)ᵀ                                           (T, in)
+               dS_ij = Σ_t dy_ti x_tj  on the support only                     sampled matmul (SDDMM)
 
-so memory and compute scale with nnz, never with out · in.  torch's CSR kernels want the
-(features, tokens) layout while activations are (tokens, features): each layer pays a few
-transposed copies of its activations, which on CPU cost more than the sparse products
-themselves (see BENCHMARKS.md).
+Memory scales with nnz, never with out · in: no dense S and no dense weight exist at any point.
+Layout is what makes this fast on a CPU: CSR @ dense runs as one contiguous axpy per non-zero
+when the dense operand is (features, T) row-major, so each call makes exactly one transposed
+copy of x in forward and one of dy in backward, and hands autograd gradients in the ordinary
+row-major layout (a transposed-layout gradient makes every downstream elementwise backward op
+strided, which costs more than the sparse products).  The SDDMM reads dyᵀ (already copied) and
+x as it is.  The four (features, T) intermediates (xᵀ, S xᵀ, dyᵀ, Sᵀ dyᵀ) live only inside one
+call: they are views of a per-thread scratch buffer that every layer reuses, so a training step
+does not allocate (and page in) fresh memory for them at each layer.  The scratch holds at most
+one (in, T) and one (out, T) block of the widest layer seen.
+
+:func:`lowrank_plus_sparse_dense` is the reference implementation's formulation (Han et al.):
+a transient dense W = s · B A + scatter(S) per call, one GEMM on the activations, and the value
+gradient gathered from the dense dW = dyᵀ x.  It is kept for the side-by-side benchmark
+(``bench/pretrain_params.py``); on this CPU it is the slower of the two (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 
 import torch
 
+_scratch = threading.local()
+
+
+def _workspace(role: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A (rows, cols) scratch view for `role`, reused across calls (contents undefined)."""
+    store = _scratch.__dict__.setdefault("buffers", {})
+    key = (role, like.dtype, like.device)
+    buf = store.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(rows * cols, dtype=like.dtype, device=like.device)
+        store[key] = buf
+    return buf[: rows * cols].view(rows, cols)
 
 
 class SparsePattern:
@@ -32,10 +58,11 @@ class SparsePattern:
         cols = flat - rows * in_features
         dev = flat.device
         self.shape = (out_features, in_features)
+        self.flat = flat
         self.crow = torch.zeros(out_features + 1, dtype=torch.int64, device=dev)
         self.crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
         self.col = cols
-        # Sᵀ: order the entries column-major; `perm` maps Sᵀ's value order to S's
+        # Sᵀ: the entries in column-major order; `perm` maps Sᵀ's value order to S's
         self.perm = torch.argsort(cols * out_features + rows)
         self.crow_t = torch.zeros(in_features + 1, dtype=torch.int64, device=dev)
         self.crow_t[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
@@ -50,64 +77,167 @@ class SparsePattern:
         )
 
 
-class _SparseAddmmT(torch.autograd.Function):
-    """outᵀ + S xᵀ in the transposed (features, tokens) layout, where CSR @ dense is fastest.
+class _LowRankPlusSparse(torch.autograd.Function):
+    """s · B A x + S x on x (T, in), gradients for x, A, B and the values in their own layouts.
 
-    Takes xᵀ (in, T) and returns its gradient in the same layout, so that autograd adds it to
-    the low-rank path's gradient (also (in, T)) without a strided copy.
+    Saves only what a plain two-factor layer saves (x and h = A x): xᵀ is rebuilt in scratch
+    in backward (once per input shared by several layers) rather than kept.
     """
 
     @staticmethod
-    def forward(ctx, out_t: torch.Tensor | None, x_t: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-        ctx.pattern = pattern
-        ctx.save_for_backward(x_t, values)
-        if out_t is None:
-            return torch.mm(pattern.matrix(values), x_t)  # (out, T)
-        return torch.addmm(out_t, pattern.matrix(values), x_t)  # (out, T)
+    def forward(ctx, x, A, B, values, pattern: SparsePattern, scaling: float):
+        n_out, n_tok = pattern.shape[0], x.shape[0]
+        xt = _FORWARD_T.get(x)  # (in, T) scratch
+        h = torch.mm(x, A.t())  # (T, r)
+        zt = torch.mm(B, h.t(), out=_workspace("out", n_out, n_tok, x))  # (out, T)  B hᵀ
+        if scaling != 1.0:
+            zt.mul_(scaling)
+        zt.addmm_(pattern.matrix(values), xt)  # (out, T)  + S xᵀ
+        ctx.pattern, ctx.scaling = pattern, scaling
+        ctx.save_for_backward(x, A, B, values, h)
+        return zt.t().contiguous()  # (T, out)
 
     @staticmethod
-    def backward(ctx, grad_t: torch.Tensor):
-        x_t, values = ctx.saved_tensors
+    def backward(ctx, dy):
+        x, A, B, values, h = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
-        gx = gv = None
+        s = ctx.scaling
+        need_x, need_A, need_B, need_v = ctx.needs_input_grad[:4]
+        dy = dy.contiguous()  # (T, out)
+        n_tok, n_in = x.shape
+        gx = gA = gB = gv = None
+        g = torch.mm(dy, B)  # (T, r)
+        if s != 1.0:
+            g.mul_(s)
+        if need_B:
+            gB = torch.mm(dy.t(), h)  # (out, r)
+            if s != 1.0:
+                gB.mul_(s)
+        if need_A:
+            gA = torch.mm(g.t(), x)  # (r, in)
+        if need_x or need_v:
+            dyt = _workspace("out", dy.shape[1], n_tok, dy).copy_(dy.t())  # (out, T)  the one transposed copy of dy
+            if need_v:  # dS on the support: rows of dyᵀ against rows of xᵀ
+                xt = _BACKWARD_T.get(x)  # (in, T) scratch
+                st = pattern.matrix(values.detach())
+                gv = torch.sparse.sampled_addmm(st, dyt, xt.t(), beta=0.0).values()  # (nnz,) in S's order
+            if need_x:
+                gxt = torch.mm(A.t(), g.t(), out=_workspace("in", n_in, n_tok, dy))  # (in, T)  Aᵀ gᵀ
+                gxt.addmm_(pattern.matrix_t(values.detach()), dyt)  # + Sᵀ dyᵀ
+                gx = gxt.t().contiguous()  # (T, in)
+        return gx, gA, gB, gv, None, None
+
+
+class _Transposed(threading.local):
+    """xᵀ (in, T) of the last 2-D input seen, in a scratch buffer of its own role.
+
+    The layers that read the same tensor (q/k/v, gate/up) get it without another copy; a hit
+    needs the very same tensor object (weak reference, so the entry never keeps it alive and
+    is dropped when it dies) at the same version (no in-place change since).
+    """
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.ref: weakref.ref | None = None
+        self.version = -1
+        self.xt: torch.Tensor | None = None
+
+    def get(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ref is not None and self.ref() is x and x._version == self.version:
+            return self.xt
+        xt = _workspace(self.role, x.shape[1], x.shape[0], x).copy_(x.t())
+        if x.is_inference():  # no version counter: never reused
+            self.ref, self.xt = None, None
+        else:
+            self.ref, self.version, self.xt = weakref.ref(x, self._drop), x._version, xt
+        return xt
+
+    def _drop(self, ref: weakref.ref) -> None:
+        if self.ref is ref:
+            self.ref, self.xt = None, None
+
+
+class _Inputs2d(threading.local):
+    """The same (T, in) view object for every layer called on one input tensor, so that the
+    layers sharing it also share the saved tensor (and, in backward, its transposed scratch)."""
+
+    def __init__(self) -> None:
+        self.ref: weakref.ref | None = None
+        self.version = -1
+        self.x2d: torch.Tensor | None = None
+
+    def get(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_inference():
+            return x.reshape(-1, x.shape[-1])
+        if self.ref is not None and self.ref() is x and x._version == self.version:
+            return self.x2d
+        x2d = x.reshape(-1, x.shape[-1])
+        self.ref, self.version, self.x2d = weakref.ref(x, self._drop), x._version, x2d
+        return x2d
+
+    def _drop(self, ref: weakref.ref) -> None:
+        if self.ref is ref:
+            self.ref, self.x2d = None, None
+
+
+_FORWARD_T = _Transposed("xf")
+_BACKWARD_T = _Transposed("xb")
+_INPUTS = _Inputs2d()
+
+
+class _DenseWeightLowRankPlusSparse(torch.autograd.Function):
+    """The reference kernel's formulation: a transient dense W = s · B A + S, one GEMM on x."""
+
+    @staticmethod
+    def _weight(A, B, values, pattern: SparsePattern, scaling: float) -> torch.Tensor:
+        w = torch.mm(B, A)  # (out, in)  transient
+        if scaling != 1.0:
+            w.mul_(scaling)
+        w.view(-1).index_put_((pattern.flat,), values, accumulate=True)  # + S (scatter of the values)
+        return w
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, pattern: SparsePattern, scaling: float):
+        ctx.pattern, ctx.scaling = pattern, scaling
+        ctx.save_for_backward(x, A, B, values)
+        return torch.mm(x, _DenseWeightLowRankPlusSparse._weight(A, B, values, pattern, scaling).t())  # (T, out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, values = ctx.saved_tensors
+        pattern, s = ctx.pattern, ctx.scaling
+        dy = dy.contiguous()
+        gx = gA = gB = gv = None
+        if ctx.needs_input_grad[0]:  # W recomputed rather than kept from forward (as the reference)
+            gx = torch.mm(dy, _DenseWeightLowRankPlusSparse._weight(A, B, values, pattern, s))  # (T, in)
+        gw = torch.mm(dy.t(), x)  # (out, in)  transient dW
         if ctx.needs_input_grad[1]:
-            gx = pattern.matrix_t(values) @ grad_t  # (in, T) = Sᵀ dyᵀ
+            gA = torch.mm(B.t(), gw).mul_(s)  # (r, in)
         if ctx.needs_input_grad[2]:
-            # dSᵀ = x dyᵀ... sampled on Sᵀ's support: the transposed problem needs only xᵀ (in, T)
-            # row-major (the smaller copy) while dy stays in its (T, out) layout
-            st = pattern.matrix_t(values.detach())
-            gv_t = torch.sparse.sampled_addmm(st, x_t.contiguous(), grad_t.t(), beta=0.0).values()
-            gv = torch.empty_like(gv_t).index_put_((pattern.perm,), gv_t)  # back to S's order
-        return (grad_t if ctx.needs_input_grad[0] else None), gx, gv, None
-
-
-def _apply(out_t: torch.Tensor | None, x_t: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return _SparseAddmmT.apply(out_t, x_t, values, pattern)
-
-
-def sparse_linear(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """S x over the last dimension of x (..., in) -> (..., out)."""
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    y = _apply(None, x2d.t(), values, pattern).t().contiguous()
-    return y.reshape(*lead, pattern.shape[0])
+            gB = torch.mm(gw, A.t()).mul_(s)  # (out, r)
+        if ctx.needs_input_grad[3]:
+            gv = gw.view(-1).index_select(0, pattern.flat)  # (nnz,)  gather on the support
+        return gx, gA, gB, gv, None, None
 
 
 def lowrank_plus_sparse(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, values: torch.Tensor, pattern: SparsePattern
 ) -> torch.Tensor:
-    """s B A x + S x for x (..., in).
-
-    The sparse product is computed in the (out, T) layout; the low-rank GEMM then accumulates
-    onto its transpose (``addmm`` copies its input once), so the sum costs one transposed copy.
-    """
+    """s · B A x + S x for x (..., in) -> (..., out), with sparse kernels (no dense S or W)."""
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])  # (T, in)
-    h = torch.mm(x2d, A.t())  # (T, r)
-    s_t = _apply(None, x2d.t(), values, pattern)  # (out, T)   S xᵀ
-    y = torch.addmm(s_t.t(), h, B.t(), alpha=scaling)  # (T, out) = S x + s B A x
+    x2d = _INPUTS.get(x) if x.dim() != 2 else x  # (T, in), one object per input tensor
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        y = _LowRankPlusSparse.apply(x2d, A, B, values, pattern, float(scaling))
+    return y.reshape(*lead, pattern.shape[0])
+
+
+def lowrank_plus_sparse_dense(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, values: torch.Tensor, pattern: SparsePattern
+) -> torch.Tensor:
+    """The same function through a transient dense weight (the reference implementation's kernel)."""
+    lead = x.shape[:-1]
+    y = _DenseWeightLowRankPlusSparse.apply(x.reshape(-1, x.shape[-1]), A, B, values, pattern, float(scaling))
     return y.reshape(*lead, pattern.shape[0])
 
 

@@ -4,10 +4,17 @@
     W = s · B A + S,     h = s · B (A x) + S x + b
 
 S has a *random, fixed* support of δ · out · in entries (δ = ``sparsity``); only its values
-train.  As in the reference implementation: A Kaiming-uniform, B = 0, S values
-U(-1/√in, 1/√in), s = alpha / r.  S is stored as sorted flat indices (int64 buffer, saved)
-plus values (the trainable parameter); S x and its gradients run as sparse kernels
-(``_sparse.py``), so no dense (out, in) matrix exists in forward or backward.
+train.  As in the reference implementation (github.com/andyjm3/SLTrain): A Kaiming-uniform,
+B = 0, S values U(-1/√in, 1/√in), support drawn by a random permutation and sorted,
+s = alpha / r.  S is stored as sorted flat indices (int64 buffer, saved) plus values (the
+trainable parameter).
+
+The layer is one autograd function (``_sparse.py``).  The reference builds a transient dense
+W = B A + scatter(S) and runs one GEMM on the activations (its dW = dyᵀ x is gathered at the
+support for the value gradient); here the low-rank part runs in activation space and S x, Sᵀ dy
+and the sampled value gradient run as sparse kernels, so no dense (out, in) matrix exists in
+forward or backward.  Both compute the same function; on the CPU the sparse form is the faster
+(``kernel = "dense"`` on an instance selects the reference's, for comparison; BENCHMARKS.md).
 
 Trainable parameters per layer: r · (in + out) + ⌊δ · in · out⌋.
 """
@@ -23,7 +30,9 @@ from torch import nn
 from ..core.layers import BaseLayer
 from ..errors import ConfigError
 from ..registry import register_method
-from ._sparse import SparsePattern, lowrank_plus_sparse, random_support
+from ._sparse import SparsePattern, lowrank_plus_sparse, lowrank_plus_sparse_dense, random_support
+
+_KERNELS = {"sparse": lowrank_plus_sparse, "dense": lowrank_plus_sparse_dense}
 from .factorized import FactorizedWeight
 
 
@@ -38,6 +47,7 @@ class SLTrain(FactorizedWeight):
     formula = "h = s B A x + S x + b,  S with a fixed random support of density delta"
     params_formula = "r * (in + out) + floor(delta * in * out)"
     test_options = {"sparsity": 0.1}
+    kernel = "sparse"  # implementation only (same function): "dense" = the reference's transient-W kernel
 
     def __init__(
         self, base: BaseLayer, *, rank: int, alpha: float | None = None, dropout: float = 0.0, sparsity: float = 0.03
@@ -63,8 +73,8 @@ class SLTrain(FactorizedWeight):
         return self._pattern[2]
 
     def forward(self, x: torch.Tensor, base_out: None, base: BaseLayer) -> torch.Tensor:
-        # (s B (A xᵀ) + S xᵀ)ᵀ: the low-rank and sparse parts summed in one fused sparse addmm
-        y = lowrank_plus_sparse(x, self.lora_A, self.lora_B, self.scaling, self.sparse_value, self.pattern)
+        # s B (A x) + S x, one autograd function (no dense S or W with the default kernel)
+        y = _KERNELS[self.kernel](x, self.lora_A, self.lora_B, self.scaling, self.sparse_value, self.pattern)
         return self.add_bias(y, base)  # (..., out)
 
     def sparse_dense(self) -> torch.Tensor:
