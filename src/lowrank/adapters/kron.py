@@ -92,8 +92,8 @@ def kron_rearrange(weight: torch.Tensor, m1: int, n1: int) -> torch.Tensor:
 
 
 #: tokens per chunk are chosen so one chunk's (tokens, r, n1, m2) intermediate has about this many
-#: elements (1 MiB in fp32): it stays in cache, and nothing of that size is kept for backward
-CHUNK_ELEMENTS = 1 << 18
+#: elements (2 MiB in fp32): it stays in cache, and nothing of that size is kept for backward
+CHUNK_ELEMENTS = 1 << 19
 
 
 def kron_order(shapes: tuple[int, int, int, int], rank: int) -> tuple[bool, int]:
