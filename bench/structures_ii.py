@@ -41,6 +41,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "c3a-b32": ("c3a", {"block_size": 32}),
     "bone-b16": ("bone", {}),
     "kron": ("kron", {}),
+    "kron-einsum": ("kron", {}),  # the previous forward (autograd through two einsums), for comparison
     "wara": ("wara", {}),
     "hydra": ("hydra", {}),
     "hydralora": ("hydralora", {"n_heads": 3, "balance_weight": 0.01}),
@@ -48,6 +49,14 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "flylora": ("flylora", {}),
     "loreft": ("loreft", {"targets": r"model\.layers\.\d+"}),
 }
+
+
+def einsum_kron(self, x, base_out, base):
+    """Kron's forward before the chunked Function: autograd keeps the (..., r, n1, m2) X B_kᵀ."""
+    m1, n1, m2, n2 = self.shapes
+    XB = torch.einsum("...jl,kml->...kjm", x.reshape(*x.shape[:-1], n1, n2), self.kron_B)
+    Y = torch.einsum("kij,...kjm->...im", self.kron_A, XB)
+    return base_out + self.scaling * Y.reshape(*x.shape[:-1], self.out_features)
 
 
 def build(name: str):
@@ -63,6 +72,12 @@ def build(name: str):
     model = LlamaForCausalLM(cfg).train()
     method, opts = CONFIGS[name]
     lowrank.adapt(model, method, rank=R, alpha=R, **opts)
+    if name == "kron-einsum":
+        import types
+
+        for _, layer in lowrank.adapted_layers(model):
+            a = layer.adapters["default"]
+            a.forward = types.MethodType(einsum_kron, a)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4)
 
@@ -107,12 +122,6 @@ def micro(rounds: int, tokens: int) -> None:
     from lowrank.adapters.kron import Kron
 
     chunked_kron = Kron.forward
-
-    def einsum_kron(self, x, base_out, base):  # the previous forward: autograd keeps X B_kᵀ
-        m1, n1, m2, n2 = self.shapes
-        XB = torch.einsum("...jl,kml->...kjm", x.reshape(*x.shape[:-1], n1, n2), self.kron_B)
-        Y = torch.einsum("kij,...kjm->...im", self.kron_A, XB)
-        return base_out + self.scaling * Y.reshape(*x.shape[:-1], self.out_features)
 
     variants = {  # name -> (method, options, setup run before each call)
         "lora": ("lora", {}, lambda: None),
