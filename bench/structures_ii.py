@@ -39,6 +39,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "mora-sharing": ("mora", {"compression": "sharing"}),
     "mora-rotation": ("mora", {"compression": "rotation"}),
     "c3a-b32": ("c3a", {"block_size": 32}),
+    "c3a-b32-rfft": ("c3a", {"block_size": 32}),  # the previous forward (rfft/einsum/irfft under autograd)
     "bone-b16": ("bone", {}),
     "kron": ("kron", {}),
     "kron-einsum": ("kron", {}),  # the previous forward (autograd through two einsums), for comparison
@@ -59,6 +60,16 @@ def einsum_kron(self, x, base_out, base):
     return base_out + self.scaling * Y.reshape(*x.shape[:-1], self.out_features)
 
 
+def rfft_c3a(self, x, base_out, base):
+    """C3A's forward before the DFT-GEMM Function: rfft, complex einsum, irfft, under autograd."""
+    k = self.c3a_kernel.float()
+    m, n, b = k.shape
+    xf = torch.fft.rfft(x.float().reshape(*x.shape[:-1], n, b), dim=-1)
+    yf = torch.einsum("...nf,mnf->...mf", xf, torch.fft.rfft(k, dim=-1).conj())
+    y = torch.fft.irfft(yf, n=b, dim=-1).reshape(*x.shape[:-1], m * b) / self.in_features
+    return base_out + y.to(base_out.dtype)
+
+
 def build(name: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -72,12 +83,13 @@ def build(name: str):
     model = LlamaForCausalLM(cfg).train()
     method, opts = CONFIGS[name]
     lowrank.adapt(model, method, rank=R, alpha=R, **opts)
-    if name == "kron-einsum":
+    previous = {"kron-einsum": einsum_kron, "c3a-b32-rfft": rfft_c3a}.get(name)
+    if previous is not None:
         import types
 
         for _, layer in lowrank.adapted_layers(model):
             a = layer.adapters["default"]
-            a.forward = types.MethodType(einsum_kron, a)
+            a.forward = types.MethodType(previous, a)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4)
 
