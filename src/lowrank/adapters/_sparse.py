@@ -50,31 +50,37 @@ def _workspace(role: str, rows: int, cols: int, like: torch.Tensor) -> torch.Ten
 
 
 class SparsePattern:
-    """CSR structures of S (out, in) and Sᵀ for a fixed, sorted flat support."""
+    """CSR structures of S (out, in) and Sᵀ for a fixed, sorted flat support.
+
+    Index arrays are int32 when the shape allows (what the CPU sparse BLAS takes without a
+    per-call conversion); ``flat`` keeps the int64 flat positions.
+    """
 
     def __init__(self, flat_index: torch.Tensor, out_features: int, in_features: int):
         flat = flat_index.to(torch.int64)
         rows = torch.div(flat, in_features, rounding_mode="floor")
         cols = flat - rows * in_features
         dev = flat.device
+        itype = torch.int32 if max(out_features, in_features, flat.numel()) < 2**31 - 1 else torch.int64
         self.shape = (out_features, in_features)
         self.flat = flat
         self.crow = torch.zeros(out_features + 1, dtype=torch.int64, device=dev)
         self.crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
-        self.col = cols
+        self.crow = self.crow.to(itype)
+        self.col = cols.to(itype)
         # Sᵀ: the entries in column-major order; `perm` maps Sᵀ's value order to S's
         self.perm = torch.argsort(cols * out_features + rows)
         self.crow_t = torch.zeros(in_features + 1, dtype=torch.int64, device=dev)
         self.crow_t[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
-        self.col_t = rows[self.perm]
+        self.crow_t = self.crow_t.to(itype)
+        self.col_t = rows[self.perm].to(itype)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_csr_tensor(
-            self.crow_t, self.col_t, values[self.perm], (self.shape[1], self.shape[0]), check_invariants=False
-        )
+        vt = torch.index_select(values, 0, self.perm)
+        return torch.sparse_csr_tensor(self.crow_t, self.col_t, vt, (self.shape[1], self.shape[0]), check_invariants=False)
 
 
 class _LowRankPlusSparse(torch.autograd.Function):
