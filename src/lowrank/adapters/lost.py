@@ -13,10 +13,17 @@ components rather than the sparse part starting from an independent random draw 
 The sparse part is *channel-wise* (whole input columns), so S x is a dense (out, k) matmul on
 gathered inputs: no sparse kernel.
 
-Faithfulness note: written from the paper's abstract and method summary (SVD split, top-r to
-the low-rank part, residual singular values to a channel-wise sparse part); the reference code
-was not available here.  The channel score (column L2 norm of the residual) and the absence of
-any extra mixing coefficient are this implementation's choices.
+Faithfulness note (searched again for issue 5, 2026-11-24): the paper names its code
+(github.com/JiaxiLi1/LOST-Low-rank-and-Sparse-Training-for-Large-Language-Models), but neither
+that repository nor the paper's method section could be read here: the code index has no file
+of it, and the stored arXiv/OpenReview/alphaXiv pages yield only the abstract.  What is
+implemented is therefore only what the abstract states -- SVD of the weight, the dominant
+singular triplets to the low-rank factors, the remaining singular values to a channel-wise
+sparse part -- and NOT verified against the reference.  Unverified choices of this file: the
+channel score (column L2 norm of the residual), columns (input channels) rather than rows, no
+mixing coefficient between the two parts, and a linear low-rank path.  A second-hand summary
+(a third-party research note, not the paper) says LOST also places a nonlinearity inside the
+low-rank factorisation, as CoLA does; that could not be checked and is not implemented.
 
 Trainable parameters per layer: r · (in + out) + out · ⌈ρ · in⌉.
 """
