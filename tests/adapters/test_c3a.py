@@ -93,3 +93,16 @@ def test_peft_parity_and_file_layout(tmp_path):
     lowrank.load_adapter(back, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_runs_under_autocast():  # the custom Function keeps one dtype inside (in-place batched products)
+    m = layer(32, 48)
+    lowrank.adapt(m, "c3a", block_size=8)
+    perturb(m)
+    x = x_in()
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y.float().square().sum().backward()
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+    assert adapter_of(m).c3a_kernel.grad.abs().sum() > 0

@@ -144,3 +144,16 @@ def test_rank_selection_options_are_checked():
         lowrank.adapt(layer(32, 48), "kron", rank=2, rank_selection="knee")
     with pytest.raises(lowrank.ConfigError, match="energy_threshold"):
         lowrank.adapt(layer(32, 48), "kron", rank=2, rank_selection="energy", energy_threshold=1.5)
+
+
+def test_runs_under_autocast():  # the chunked Function accumulates its gradients in one dtype
+    m = layer(32, 48)
+    lowrank.adapt(m, "kron", rank=2, a_rows=6, a_cols=4)
+    perturb(m)
+    x = x_in()
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y.float().square().sum().backward()
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+    assert adapter_of(m).kron_B.grad.abs().sum() > 0

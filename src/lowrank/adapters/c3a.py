@@ -95,6 +95,11 @@ class _BlockCircularGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        with torch.autocast(gy.device.type, enabled=False):  # as in forward: one dtype
+            return _BlockCircularGemm._backward(ctx, gy.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, gy):
         x, Mr, Mi, F, G = ctx.saved_tensors
         f, n, m = Mr.shape
         b = F.shape[0]
@@ -122,9 +127,11 @@ def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor, addend: torch.Ten
     if b <= GEMM_DFT_MAX_BLOCK and x.dtype in (torch.float32, torch.float64):
         F, G = dft_matrices(b, x.dtype, x.device)
         M = Wc.permute(2, 1, 0)  # (f, n, m)
-        if addend is not None and (addend.dtype != x.dtype or not addend.is_contiguous()):
-            return addend + _BlockCircularGemm.apply(x, None, M.real.contiguous(), M.imag.contiguous(), F, G)
-        return _BlockCircularGemm.apply(x, addend, M.real.contiguous(), M.imag.contiguous(), F, G)
+        Mr, Mi = M.real.contiguous(), M.imag.contiguous()
+        with torch.autocast(x.device.type, enabled=False):  # in-place batched products need one dtype
+            if addend is not None and (addend.dtype != x.dtype or not addend.is_contiguous()):
+                return addend + _BlockCircularGemm.apply(x, None, Mr, Mi, F, G)
+            return _BlockCircularGemm.apply(x, addend, Mr, Mi, F, G)
     xf = rfft(x.reshape(*x.shape[:-1], n, b), dim=-1)  # (..., n, f) complex
     yf = torch.einsum("...nf,mnf->...mf", xf, Wc)  # (..., m, f)
     y = irfft(yf, n=b, dim=-1).reshape(*x.shape[:-1], m * b)  # (..., out)

@@ -143,6 +143,11 @@ class _KronApply(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        with torch.autocast(gy.device.type, enabled=False):  # as in forward: one dtype
+            return _KronApply._backward(ctx, gy.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, gy):
         x, A, B = ctx.saved_tensors
         swap = ctx.swap
         r, m1, n1 = A.shape
@@ -245,7 +250,8 @@ class Kron(Adapter):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
         swap, chunk = kron_order(self.shapes, self.kron_A.shape[0])
-        y = _KronApply.apply(x, self.scaling * self.kron_A, self.kron_B, chunk, swap)  # (..., out) = vec(Σ_k A_k X B_kᵀ)
+        with torch.autocast(x.device.type, enabled=False):  # the accumulating backward needs one dtype
+            y = _KronApply.apply(x, self.scaling * self.kron_A, self.kron_B, chunk, swap)  # vec(Σ_k A_k X B_kᵀ)
         return base_out + y.to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
