@@ -137,6 +137,12 @@ def test_per_layer_selected_ranks_count_and_save_load(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), before, atol=1e-6, rtol=0)
     assert {p: l.adapters["default"].rank for p, l in lowrank.adapted_layers(fresh)} == ranks
+    other = mlp()  # a base whose spectrum selects another k: refused, naming the key, model untouched
+    with torch.no_grad():
+        other[4].weight.copy_(_kron_weight([4.0, 1.0], seed=3))
+    with pytest.raises(lowrank.AdapterLoadError, match=r"4\.kron_A.*\(5, 6, 4\).*\(2, 6, 4\)"):
+        lowrank.load_adapter(other, tmp_path / "k")
+    assert not list(lowrank.adapted_layers(other))
 
 
 def test_rank_selection_options_are_checked():

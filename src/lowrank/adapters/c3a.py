@@ -12,13 +12,13 @@ PEFT (``C3AConfig``) the kernels start at zero and the update is divided by ``in
 is PEFT's: one parameter ``c3a_kernel`` of shape (out/b, in/b, b), so adapters move between the
 two unchanged.
 
-Two transforms, same function (see :func:`block_circular_conv`): for small blocks (b <= 64,
+Two transforms, same function (see :func:`block_circular_conv`).  For small blocks (b <= 64,
 e.g. b = 32 when gcd(in, out) = 32) the real DFT of length b is one GEMM against a fixed
 (b, 2·(b/2+1)) cos/sin matrix whose output is laid out frequency-major, so the per-frequency
-mixing is a plain batched real matmul with no permute copies, inside a custom autograd Function whose backward is
-the adjoint (a block-circulant matrix transposed is block-circulant with the conjugate
-spectrum) and saves only x and the kernel's spectrum; for larger blocks the O(b log b) FFT
-(rfft/irfft) wins and autograd differentiates it.
+mixing is a plain batched real matmul with no permute copies.  A custom autograd Function runs
+the adjoint in backward (a block-circulant matrix transposed is block-circulant with the
+conjugate spectrum) and saves only x and the kernel's spectrum.  For larger blocks the
+O(b log b) FFT (rfft/irfft) wins and autograd differentiates it.
 
 Trainable parameters per layer: out · in / b.
 """
@@ -73,10 +73,10 @@ def _mix(X: torch.Tensor, Mr: torch.Tensor, Mi: torch.Tensor) -> torch.Tensor:
     return Y
 
 
-def _from_spectrum(Y: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """(2, f, N, m) -> (N·m, b) blocks (+ ``out`` when given, fused in the GEMM)."""
+def _from_spectrum(Y: torch.Tensor, G: torch.Tensor, addend: torch.Tensor | None) -> torch.Tensor:
+    """(2, f, N, m) -> (N·m, b) blocks (+ ``addend`` when given, fused in the GEMM)."""
     Yt = Y.view(G.shape[0], -1).T  # (N·m, 2f), a transposed view: no copy
-    return Yt @ G if out is None else torch.addmm(out, Yt, G)
+    return Yt @ G if addend is None else torch.addmm(addend, Yt, G)
 
 
 class _BlockCircularGemm(torch.autograd.Function):
@@ -103,7 +103,8 @@ class _BlockCircularGemm(torch.autograd.Function):
         x, Mr, Mi, F, G = ctx.saved_tensors
         f, n, m = Mr.shape
         b = F.shape[0]
-        # the adjoint of y = Gᵀ M Fᵀ x is Fᵀᵀ Mᴴ Gᵀᵀ: the same pipeline with (Gᵀ, conj Mᵀ, Fᵀ)
+        # per block y = Gᵀ M Fᵀ x (column vectors), so dL/dx = F Mᵀ G gy: the same pipeline with
+        # Gᵀ as the forward transform, the transposed real map of M (conj Mᵀ), and Fᵀ as the inverse
         GY = _to_spectrum(gy.reshape(-1, b), G.T, m)  # (2, f, N, m): dL/dY
         gx = dMr = dMi = None
         if ctx.needs_input_grad[0]:

@@ -6,7 +6,8 @@ The update is a sum of r Kronecker products of small factors:
 
 applied without forming ΔW: with X = x reshaped to (n1, n2) row-major, (A ⊗ B) x = vec(A X Bᵀ),
 over chunks of tokens in a custom autograd Function that keeps only x and the factors for
-backward (the per-token r·n1·m2 intermediate X B_kᵀ is recomputed, chunk by chunk, in cache).
+backward (the per-token intermediate X B_kᵀ, r·n1·m2 floats, or A_k X when that association is
+cheaper, is recomputed chunk by chunk, in cache).
 The factor shape (m1, n1) is an option; by default m1 (n1) is the largest divisor of out (in)
 not above its square root, so both factors are about sqrt(out) × sqrt(in).
 
@@ -30,8 +31,8 @@ always clipped to [1, ``rank``]: ``rank`` is the cap r_max.  The layer then has 
 (``self.rank`` = k, scaling alpha / k as PEFT's per-module ranks); the tensor shapes (k, m1, n1)
 carry it in the saved file, and ``load_adapter`` recomputes the same k from the same base weight
 (a base whose spectrum selects another k is refused with the key and both shapes).
-``trainable_count(in, out, k)`` is exact with the layer's selected k (the count cannot be known
-from the shapes alone: it depends on W).  ``"fixed"`` (default) keeps ``rank`` terms.
+``trainable_count(in, out, k)`` is exact with the layer's selected k (a layer's shape alone cannot
+give the count: k depends on W's values).  ``"fixed"`` (default) keeps ``rank`` terms.
 
 Trainable parameters per layer: r · (m1·n1 + m2·n2), r = rank or the selected k.
 """
