@@ -136,8 +136,10 @@ class _KronApply(torch.autograd.Function):
             V = X[s : s + chunk].transpose(1, 2) if swap else X[s : s + chunk]  # (c, p, q)
             c, p, q = V.shape
             VR = (V.reshape(c * p, q) @ Rt).view(c, p * r, -1)  # (t, (j, k), m): V_t R_kᵀ
-            Z = torch.matmul(Lp, VR)  # (c, a, b): Σ_{j,k} L_k[i,j] (V_t R_kᵀ)[j,m]
-            Y[s : s + chunk] = Z.transpose(1, 2) if swap else Z
+            if swap:  # Z (c, a, b): Σ_{j,k} L_k[i,j] (V_t R_kᵀ)[j,m]
+                Y[s : s + chunk] = torch.matmul(Lp, VR).transpose(1, 2)
+            else:
+                torch.matmul(Lp, VR, out=Y[s : s + chunk])
         ctx.save_for_backward(x, A, B)
         ctx.chunk, ctx.swap = chunk, swap
         return Y.view(*x.shape[:-1], m1 * m2)
@@ -166,10 +168,12 @@ class _KronApply(torch.autograd.Function):
             V2 = V.reshape(c * p, q)
             VR = (V2 @ Rf.T).view(c, p * r, -1)  # recomputed V_t R_kᵀ
             dVR = torch.matmul(Lp.T, G).view(c * p, -1)  # dL/d(V_t R_kᵀ) = L_kᵀ G_t   (c p, r b)
-            dV = (dVR @ Rf).view(c, p, q)  # Σ_k L_kᵀ G_t R_k
-            dx[s : s + ctx.chunk] = dV.transpose(1, 2) if swap else dV
+            if swap:  # Σ_k L_kᵀ G_t R_k
+                dx[s : s + ctx.chunk] = (dVR @ Rf).view(c, p, q).transpose(1, 2)
+            else:
+                torch.mm(dVR, Rf, out=dx[s : s + ctx.chunk].view(c * p, q))
             dRf.addmm_(dVR.T, V2)  # Σ_t (L_kᵀ G_t)ᵀ V_t
-            dLp.addmm_(G.transpose(0, 1).reshape(Lp.shape[0], -1), VR.transpose(1, 2).reshape(-1, Lp.shape[1]))
+            dLp += torch.bmm(G, VR.transpose(1, 2)).sum(0)  # Σ_t G_t (V_t R_kᵀ)ᵀ; no transposed copies
         dL = dLp.view(L.shape[1], L.shape[2], r).permute(2, 0, 1)  # Σ_t G_t (V_t R_kᵀ)ᵀ
         dR = dRf.view(R.shape)
         dA, dB = (dR, dL) if swap else (dL, dR)
