@@ -12,8 +12,10 @@ is the VmHWM of a fresh subprocess per configuration (build + 2 steps).
 
 ``--micro``: one anchor-shaped layer (512 -> 1376 and 1376 -> 512), T = batch x seq tokens,
 forward + backward (input and adapter gradients), LoRA r=16 vs the adapters whose hot path was
-tuned: C3A b=32 through DFT GEMMs (current) and through rfft/irfft (the previous path),
-Kronecker with recomputation (current) and with autograd-saved intermediates.
+tuned: C3A b=32 through DFT GEMMs (current) and through the module's FFT branch (rfft/irfft under
+autograd, the previous algorithm), Kronecker chunked with recomputation (current) and through
+the previous autograd einsums.  The model configs ``c3a-b32-rfft`` and ``kron-einsum`` patch the
+previous forwards onto the same adapters, for before/after in one process.
 """
 
 from __future__ import annotations
