@@ -10,16 +10,21 @@ and Sᵀ are derived from the indices once and cached (the support never changes
                dx = g A + (Sᵀ dyᵀ)ᵀ                                           (T, in)
                dS_ij = Σ_t dy_ti x_tj  on the support only                     sampled matmul (SDDMM)
 
-Memory scales with nnz, never with out · in: no dense S and no dense weight exist at any point.
-Layout is what makes this fast on a CPU: CSR @ dense runs as one contiguous axpy per non-zero
-when the dense operand is (features, T) row-major, so each call makes exactly one transposed
-copy of x in forward and one of dy in backward, and hands autograd gradients in the ordinary
-row-major layout (a transposed-layout gradient makes every downstream elementwise backward op
-strided, which costs more than the sparse products).  The SDDMM reads dyᵀ (already copied) and
-x as it is.  The four (features, T) intermediates (xᵀ, S xᵀ, dyᵀ, Sᵀ dyᵀ) live only inside one
-call: they are views of a per-thread scratch buffer that every layer reuses, so a training step
-does not allocate (and page in) fresh memory for them at each layer.  The scratch holds at most
-one (in, T) and one (out, T) block of the widest layer seen.
+Memory scales with nnz, never with out · in: no dense S and no dense weight exist at any point,
+and a layer saves for backward exactly what a two-factor layer saves (x and h).
+
+Layout is what makes this fast on a CPU.  torch's CSR @ dense runs as one contiguous axpy per
+non-zero only when the dense operand is (features, T) row-major, while activations are
+(T, features).  So: the low-rank GEMMs write their results in the (features, T) layout, the
+sparse products accumulate onto them there, and one transposed copy per direction brings the
+sum back (forward: xᵀ in, y out; backward: dyᵀ in, dx out).  Every gradient reaches autograd in
+the ordinary row-major layout (a transposed-layout gradient makes each downstream elementwise
+backward op strided, which costs more than the sparse products).  xᵀ is made once per input
+tensor shared by several layers (q/k/v, gate/up), in forward and again in backward (weak
+references + version counters tell that it is the same, unmodified tensor); the SDDMM reads it
+row-major.  These (features, T) intermediates live only inside one call, in a per-thread scratch
+reused by every layer (at most four blocks of the widest layer's width x T, independent of
+depth; :func:`release_scratch` frees it).
 
 :func:`lowrank_plus_sparse_dense` is the reference implementation's formulation (Han et al.):
 a transient dense W = s · B A + scatter(S) per call, one GEMM on the activations, and the value
@@ -36,6 +41,13 @@ import weakref
 import torch
 
 _scratch = threading.local()
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they are re-created on the next SLTrain call)."""
+    _scratch.__dict__.pop("buffers", None)
+    for cache in (_FORWARD_T, _BACKWARD_T):
+        cache.ref, cache.xt = None, None
 
 
 def _workspace(role: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
