@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lowrank
-from lowrank.adapters._sparse import SparsePattern, lowrank_plus_sparse, lowrank_plus_sparse_dense
+from lowrank.adapters._sparse import SparsePattern, lowrank_plus_sparse, lowrank_plus_sparse_dense, release_scratch
 from lowrank.adapters.factorized import parameterise, plain_state_dict
 from conftest import tiny_llama
 
@@ -99,6 +99,13 @@ def test_sltrain_kernels_match_dense_reference_in_value_and_gradients(kernel):
         first = kernel(h2, A, B, 0.5, values, pat)
         h2.mul_(-2.0)
         torch.testing.assert_close(kernel(h2, A, B, 0.5, values, pat), -2.0 * first)
+    release_scratch()  # scratch first made (and grown) under inference mode stays usable for training
+    with torch.inference_mode():
+        big = torch.randn(3, 7, n_in, dtype=torch.float64)
+        torch.testing.assert_close(kernel(big, A, B, 0.5, values, pat),
+                                   _dense_reference(big, A, B, 0.5, values, flat, n_out, n_in))
+    kernel(x * 1.0, A, B, 0.5, values, pat).sum().backward()
+    assert values.grad is not None
 
 
 # ---- LOST -------------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def _workspace(role: str, rows: int, cols: int, like: torch.Tensor) -> torch.Ten
     key = (role, like.dtype, like.device)
     buf = store.get(key)
     if buf is None or buf.numel() < rows * cols:
-        buf = torch.empty(rows * cols, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # a normal tensor, writable inside and outside inference mode
+            buf = torch.empty(rows * cols, dtype=like.dtype, device=like.device)
         store[key] = buf
     return buf[: rows * cols].view(rows, cols)
 
