@@ -108,6 +108,16 @@ def test_sltrain_kernels_match_dense_reference_in_value_and_gradients(kernel):
     assert values.grad is not None
 
 
+def test_sltrain_runs_in_bfloat16_on_cpu():
+    model = tiny_llama()
+    parameterise(model, "sltrain", rank=4, sparsity=0.1)
+    model.to(torch.bfloat16)  # CPU CSR kernels have no bf16: the dense-W kernel computes the same function
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    _, a = _adapters(model)[0]
+    assert a.sparse_value.grad is not None and a.sparse_value.grad.dtype == torch.bfloat16
+
+
 # ---- LOST -------------------------------------------------------------------------------------------------
 def test_lost_splits_the_init_spectrum():
     model = tiny_llama()

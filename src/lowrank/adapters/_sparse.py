@@ -242,7 +242,13 @@ class _DenseWeightLowRankPlusSparse(torch.autograd.Function):
 def lowrank_plus_sparse(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, values: torch.Tensor, pattern: SparsePattern
 ) -> torch.Tensor:
-    """s · B A x + S x for x (..., in) -> (..., out), with sparse kernels (no dense S or W)."""
+    """s · B A x + S x for x (..., in) -> (..., out), with sparse kernels (no dense S or W).
+
+    torch's CPU CSR kernels take only float32/float64: other dtypes on the CPU go through the
+    reference's transient-dense-W kernel (same function, one (out, in) temporary per call).
+    """
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        return lowrank_plus_sparse_dense(x, A, B, scaling, values, pattern)
     lead = x.shape[:-1]
     x2d = _INPUTS.get(x) if x.dim() != 2 else x  # (T, in), one object per input tensor
     with warnings.catch_warnings():
