@@ -14,7 +14,9 @@ W = B A + scatter(S) and runs one GEMM on the activations (its dW = dyᵀ x is g
 support for the value gradient); here the low-rank part runs in activation space and S x, Sᵀ dy
 and the sampled value gradient run as sparse kernels, so no dense (out, in) matrix exists in
 forward or backward.  Both compute the same function; on the CPU the sparse form is the faster
-(``kernel = "dense"`` on an instance selects the reference's, for comparison; BENCHMARKS.md).
+(1.3-1.4x the factorised baseline's step against 1.6-1.7x; ``kernel = "dense"`` on an instance
+selects the reference's, for comparison; BENCHMARKS.md).  CPU dtypes without CSR kernels
+(bf16, fp16) fall back to the reference's kernel.
 
 Trainable parameters per layer: r · (in + out) + ⌊δ · in · out⌋.
 """
