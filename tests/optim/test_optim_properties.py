@@ -261,3 +261,19 @@ def test_chain_composes_transforms():
     torch.testing.assert_close(out, torch.ones(5))
     assert make_inner("lion").update([torch.tensor([2.0, -3.0])], [make_inner("lion").init(torch.zeros(2))],
                                      [torch.zeros(2)], 1)[0].tolist() == [1.0, -1.0]
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_factored_directions_equal_the_dense_update(shape):
+    """The edge's factored direction (W -= lr L R in one GEMM) is the same update as ``update``'s."""
+    from lowrank.optim.transforms import Factored
+
+    dense_tf, fact_tf = (LowRank(AdamW(), make_projector("svd", 6), rank=6, scale=0.5) for _ in range(2))
+    p = torch.zeros(shape)
+    s1, s2 = dense_tf.init(p, 1), fact_tf.init(p, 1)
+    for t in (1, 2):
+        G = low_rank_plus_noise(*shape, 10, seed=t)
+        D = dense_tf.update([G], [s1], [p], t)[0]
+        F = fact_tf.directions([G], [s2], [p], t)[0]
+        assert isinstance(F, Factored) and F.left.shape[1] == 6 == F.right.shape[0]
+        torch.testing.assert_close(F.dense(), D, atol=1e-6, rtol=1e-6)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, LowRankError, ShapeError, TargetError
-from .transforms import Transform, flatten_state, load_state, nbytes
+from .transforms import Factored, Transform, flatten_state, load_state, nbytes
 
 
 class NonFiniteGradientError(LowRankError, FloatingPointError):
@@ -129,11 +129,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for step, bp in buckets.items():
             for chunk in _chunks(bp, self.chunk_numel):
                 # directions of one chunk at a time: bounded temporary memory, cache-warm updates
-                dirs = tf.update([p.grad for p in chunk], [self.state[p]["s"] for p in chunk], chunk, step)
+                dirs = tf.directions([p.grad for p in chunk], [self.state[p]["s"] for p in chunk], chunk, step)
                 if wd:
                     torch._foreach_mul_(chunk, 1.0 - lr * wd)
-                torch._foreach_add_(chunk, dirs, alpha=-lr)
-                del dirs
+                dense = [(p, d) for p, d in zip(chunk, dirs) if not isinstance(d, Factored)]
+                if dense:
+                    torch._foreach_add_([p for p, _ in dense], [d for _, d in dense], alpha=-lr)
+                for p, d in zip(chunk, dirs):
+                    if isinstance(d, Factored):  # W -= lr L R, accumulated in the GEMM
+                        p.addmm_(d.left, d.right, alpha=-lr)
+                del dirs, dense
 
     def _layerwise_hook(self, p: Tensor) -> None:
         if p in self._fired:

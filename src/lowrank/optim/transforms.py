@@ -88,6 +88,25 @@ def nbytes(state: Any) -> int:
 # the protocol
 
 
+@dataclass
+class Factored:
+    """A direction D = left @ right kept as its two factors (left (m, r), right (r, n)).
+
+    Only the optimizer edge sees it (:meth:`Transform.directions`): W <- W - lr D is then one
+    accumulating GEMM into W, with no (m, n) temporary and no separate pass to add it.
+    """
+
+    left: Tensor
+    right: Tensor
+
+    @property
+    def mT(self) -> "Factored":
+        return Factored(self.right.mT, self.left.mT)
+
+    def dense(self) -> Tensor:
+        return self.left @ self.right
+
+
 class Transform:
     """``init(p, index) -> State``; ``update(grads, states, params, step) -> directions``."""
 
@@ -96,6 +115,12 @@ class Transform:
 
     def update(self, grads: list[Tensor], states: list[State], params: list[Tensor], step: int) -> list[Tensor]:
         raise NotImplementedError
+
+    def directions(self, grads: list[Tensor], states: list[State], params: list[Tensor],
+                   step: int) -> list[Tensor | Factored]:
+        """What the optimizer edge applies: ``update``'s directions, some possibly as
+        :class:`Factored` (same values).  Default: ``update``."""
+        return self.update(grads, states, params, step)
 
 
 @dataclass

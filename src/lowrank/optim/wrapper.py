@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .projectors import Projector
-from .transforms import EmptyState, Inner, State, Transform
+from .transforms import EmptyState, Factored, Inner, State, Transform
 
 NEVER = 2**62
 
@@ -81,6 +81,13 @@ class LowRank(Transform):
 
     # -- hot path
     def update(self, grads, states, params, step):
+        return self._update(grads, states, params, step, factored=False)
+
+    def directions(self, grads, states, params, step):
+        # the plain direction scale N Q^T stays factored: the edge adds it to W in one GEMM
+        return self._update(grads, states, params, step, factored=type(self).combine is LowRank.combine)
+
+    def _update(self, grads, states, params, step, *, factored: bool):
         Gs = [g.mT if s.transposed else g for g, s in zip(grads, states)]  # (m', d)
         full = [self.rank >= G.shape[-1] for G in Gs]
         due = [i for i, s in enumerate(states) if not full[i] and step >= s.next_refresh]
@@ -92,7 +99,8 @@ class LowRank(Transform):
         if self.projector.continuous:
             k = [i for i, f in enumerate(full) if not f]
             self.projector.track([Gs[i] for i in k], [states[i].proj for i in k], [Rs[i] for i in k], step)
-        Ds = [self.combine(G, R, N, Q, s.extra) for G, R, N, Q, s in zip(Gs, Rs, Ns, Qs, states)]
+        Ds = [Factored(N * self.scale if self.scale != 1.0 else N, Q.mT) if factored and Q is not None
+              else self.combine(G, R, N, Q, s.extra) for G, R, N, Q, s in zip(Gs, Rs, Ns, Qs, states)]
         return [D.mT if s.transposed else D for D, s in zip(Ds, states)]
 
     def combine(self, G: Tensor, R: Tensor, N: Tensor, Q: Tensor | None, extra: State) -> Tensor:
