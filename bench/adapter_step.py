@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 
 import torch
+from _anchor import adamw, anchor_llama, peak_rss_bytes
 
 warnings.filterwarnings("ignore")
 B, T, R = 8, 256, 16
@@ -32,16 +31,9 @@ CONFIGS = ["bound", "full", "peft-lora", "ours-lora", "peft-dora", "ours-dora"]
 
 
 def build(name: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import lowrank
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = anchor_llama()
     if name == "bound":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -57,9 +49,7 @@ def build(name: str):
         )
     elif name.startswith("ours-"):
         lowrank.adapt(model, name.split("-")[1], rank=R, alpha=R)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    return model, opt
+    return model, adamw(model)
 
 
 def step(model, opt, ids):
@@ -81,16 +71,7 @@ def matmul_rate(n: int = 1024, reps: int = 5) -> float:
 
 
 def peak_rss_of(name: str) -> int:
-    code = (
-        "import sys, resource, torch; sys.path.insert(0, 'bench');"
-        "from adapter_step import build, step, B, T;"
-        f"m, o = build({name!r}); ids = torch.randint(0, 8192, (B, T), generator=torch.Generator().manual_seed(0));"
-        "[step(m, o, ids) for _ in range(3)];"
-        # VmHWM: this process's own peak (ru_maxrss would carry the parent's over fork/exec)
-        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return peak_rss_bytes("adapter_step", name, B, T, steps=3)
 
 
 def main() -> None:

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from _anchor import adapted_anchor, interleaved_medians, peak_rss_bytes, train_step
 
 warnings.filterwarnings("ignore")
 R = 16
@@ -47,28 +44,11 @@ CONFIGS: dict[str, tuple[str, int, dict]] = {
 
 
 def build(name: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import lowrank
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-    )
-    model = LlamaForCausalLM(cfg).train()
     method, rank, opts = CONFIGS[name]
-    lowrank.adapt(model, method, rank=rank, **opts)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=1e-4)
+    return adapted_anchor(method, rank=rank, **opts)
 
 
-def step(model, opt, ids) -> float:
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
+step = train_step
 
 
 def file_size(model) -> int:
@@ -80,16 +60,7 @@ def file_size(model) -> int:
 
 
 def peak_rss(name: str, batch: int, seq: int) -> float:
-    code = (
-        "import sys, resource, torch; sys.path.insert(0, 'bench'); import structures_i as s;"
-        f"m, o = s.build({name!r}); ids = torch.randint(0, 8192, ({batch}, {seq}));"
-        "[s.step(m, o, ids) for _ in range(2)];"
-        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    )
-    # VmHWM (this process's own peak), not ru_maxrss: Linux carries ru_maxrss over execve, so a
-    # child of this (large) process would report the parent's peak
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1e6  # kB -> GB
+    return peak_rss_bytes("structures_i", name, batch, seq) / 1e9
 
 
 def main() -> None:
@@ -112,18 +83,11 @@ def main() -> None:
     counts = {n: sum(p.numel() for p in built[n][0].parameters() if p.requires_grad) for n in names}
     sizes = {n: file_size(built[n][0]) for n in names}
     print("trainable:", counts, "file bytes:", sizes, flush=True)
-    for n in names:  # warm-up
-        step(*built[n], ids)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for n in names:
-            t = time.perf_counter()
-            step(*built[n], ids)
-            times[n].append(time.perf_counter() - t)
+    medians = interleaved_medians(built, ids, args.rounds)
     del built
-    base = statistics.median(times["lora"])
-    print("step s (median):", {n: round(statistics.median(times[n]), 3) for n in names},
-          "x LoRA:", {n: round(statistics.median(times[n]) / base, 2) for n in names}, flush=True)
+    base = medians["lora"]
+    print("step s (median):", {n: round(medians[n], 3) for n in names},
+          "x LoRA:", {n: round(medians[n] / base, 2) for n in names}, flush=True)
     mem = {}
     for n in [] if args.no_memory else names:
         mem[n] = peak_rss(n, args.batch, args.seq)
@@ -133,7 +97,7 @@ def main() -> None:
     print(f"{'config':<11} {'trainable':>10} {'vs LoRA':>8} {'file KB':>9} {'median step s':>14} {'x LoRA':>7} {'peak RSS GB':>12}")
     rows = []
     for n in names:
-        med = statistics.median(times[n])
+        med = medians[n]
         row = {"config": n, "trainable": counts[n], "params_vs_lora": counts[n] / counts["lora"],
                "file_bytes": sizes[n], "step_s": med, "step_vs_lora": med / base, "peak_rss_gb": mem.get(n)}
         rows.append(row)

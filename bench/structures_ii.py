@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 
 import torch
+from _anchor import adapted_anchor, interleaved_medians, peak_rss_bytes, train_step
 
 warnings.filterwarnings("ignore")
 R = 16
@@ -73,18 +72,10 @@ def rfft_c3a(self, x, base_out, base):
 
 
 def build(name: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import lowrank
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-    )
-    model = LlamaForCausalLM(cfg).train()
     method, opts = CONFIGS[name]
-    lowrank.adapt(model, method, rank=R, alpha=R, **opts)
+    model, opt = adapted_anchor(method, rank=R, alpha=R, **opts)
     previous = {"kron-einsum": einsum_kron, "c3a-b32-rfft": rfft_c3a}.get(name)
     if previous is not None:
         import types
@@ -92,31 +83,14 @@ def build(name: str):
         for _, layer in lowrank.adapted_layers(model):
             a = layer.adapters["default"]
             a.forward = types.MethodType(previous, a)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=1e-4)
+    return model, opt
 
 
-def step(model, opt, ids) -> float:
-    import lowrank
-
-    loss = model(input_ids=ids, labels=ids).loss
-    aux = lowrank.aux_loss(model)
-    (loss if aux is None else loss + aux).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
+step = train_step
 
 
 def peak_rss(name: str, batch: int, seq: int) -> float:
-    code = (
-        "import sys, resource, torch; sys.path.insert(0, 'bench'); import structures_ii as s;"
-        f"m, o = s.build({name!r}); ids = torch.randint(0, 8192, ({batch}, {seq}));"
-        "[s.step(m, o, ids) for _ in range(2)];"
-        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec (the parent's RSS)
-        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1e6  # kB -> GB
+    return peak_rss_bytes("structures_ii", name, batch, seq) / 1e9
 
 
 def micro(rounds: int, tokens: int) -> None:
@@ -179,23 +153,16 @@ def main() -> None:
     ids = torch.randint(0, 8192, (args.batch, args.seq))
     built = {n: build(n) for n in names}
     counts = {n: sum(p.numel() for p in built[n][0].parameters() if p.requires_grad) for n in names}
-    for n in names:  # warm-up
-        step(*built[n], ids)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for n in names:
-            t = time.perf_counter()
-            step(*built[n], ids)
-            times[n].append(time.perf_counter() - t)
+    medians = interleaved_medians(built, ids, args.rounds)
     del built
     mem = {} if args.no_memory else {n: peak_rss(n, args.batch, args.seq) for n in names}
-    base = statistics.median(times["lora"])
+    base = medians["lora"]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x{args.seq}, "
           f"rank {R}, {args.rounds} interleaved rounds")
     print(f"{'config':<14} {'trainable':>11} {'vs LoRA':>8} {'median step s':>14} {'x LoRA':>7} {'peak RSS GB':>12}")
     rows = []
     for n in names:
-        med = statistics.median(times[n])
+        med = medians[n]
         row = {"config": n, "trainable": counts[n], "params_vs_lora": counts[n] / counts["lora"],
                "step_s": med, "step_vs_lora": med / base, "peak_rss_gb": mem.get(n)}
         rows.append(row)
