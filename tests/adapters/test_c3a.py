@@ -9,7 +9,7 @@ import torch
 
 import lowrank
 from lowrank.adapters.c3a import GEMM_DFT_MAX_BLOCK, block_circular_conv, dft_matrices
-from _structures import adapter_of, layer, perturb, x_in
+from _structures import adapter_of, check_runs_under_autocast, layer, perturb, x_in
 
 
 def explicit_block_circulant(kernel: torch.Tensor) -> torch.Tensor:
@@ -96,13 +96,4 @@ def test_peft_parity_and_file_layout(tmp_path):
 
 
 def test_runs_under_autocast():  # the custom Function keeps one dtype inside (in-place batched products)
-    m = layer(32, 48)
-    lowrank.adapt(m, "c3a", block_size=8)
-    perturb(m)
-    x = x_in()
-    ref = m(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(x)
-        y.float().square().sum().backward()
-    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
-    assert adapter_of(m).c3a_kernel.grad.abs().sum() > 0
+    check_runs_under_autocast("c3a", "c3a_kernel", block_size=8)

@@ -87,3 +87,10 @@ def check_fingerprint(saved: torch.Tensor, ours: torch.Tensor, method: str) -> N
             f"{method}: the frozen random projection regenerated from the seed differs from the saved one "
             f"(fingerprint {ours.tolist()} vs {saved.tolist()}): seed/basis mismatch"
         )
+
+
+def backward_as_forward(backward, ctx, gy: torch.Tensor):
+    """Run a custom Function's ``backward(ctx, gy)`` as its forward ran: autocast off, ``gy`` in
+    the dtype of the first saved tensor (the forward computed in one dtype)."""
+    with torch.autocast(gy.device.type, enabled=False):
+        return backward(ctx, gy.to(ctx.saved_tensors[0].dtype))

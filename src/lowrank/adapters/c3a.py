@@ -36,6 +36,7 @@ from ..core.adapter import Adapter
 from ..core.layers import BaseLayer
 from ..errors import ConfigError, ShapeError
 from ..registry import register_method
+from ._shared import backward_as_forward
 
 #: largest block size computed with DFT matrices (GEMMs); above it the FFT is faster on CPU
 #: (one 2048 -> 2048 layer, 1024 tokens, forward + backward: DFT-GEMM 59/46/55 ms vs FFT
@@ -95,8 +96,7 @@ class _BlockCircularGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        with torch.autocast(gy.device.type, enabled=False):  # as in forward: one dtype
-            return _BlockCircularGemm._backward(ctx, gy.to(ctx.saved_tensors[0].dtype))
+        return backward_as_forward(_BlockCircularGemm._backward, ctx, gy)
 
     @staticmethod
     def _backward(ctx, gy):

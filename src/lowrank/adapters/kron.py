@@ -49,6 +49,7 @@ from ..core.adapter import Adapter
 from ..core.layers import BaseLayer
 from ..errors import ConfigError, ShapeError
 from ..registry import register_method
+from ._shared import backward_as_forward
 
 
 def _near_sqrt_divisor(n: int) -> int:
@@ -146,8 +147,7 @@ class _KronApply(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        with torch.autocast(gy.device.type, enabled=False):  # as in forward: one dtype
-            return _KronApply._backward(ctx, gy.to(ctx.saved_tensors[0].dtype))
+        return backward_as_forward(_KronApply._backward, ctx, gy)
 
     @staticmethod
     def _backward(ctx, gy):
