@@ -154,3 +154,16 @@ def test_learn_primes_plans_without_touching_outputs(llama_pair):
     shared_input.learn(model, input_ids=ids)
     assert model.training  # the mode is restored
     assert len(_plans(model)) == 4
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(llama_pair, reentrant):
+    """Recomputation must save what the forward saved: under checkpointing layers run alone."""
+    model, ref = llama_pair
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # the second step is the one a learnt run could change
+        _, got = _loss_and_grads(model, ids)
+        _, want = _loss_and_grads(ref, ids)
+        for n, g in want.items():
+            torch.testing.assert_close(got[n], g, atol=1e-6, rtol=1e-5, msg=n)

@@ -54,7 +54,9 @@ def call(layer: "AdaptedLayer", x: torch.Tensor, adapter: "Adapter",
     other layers of the run it begins (``fusable(layer, x)`` is the layer's single fusable
     adapter for this input, or None)."""
     state = _RUNS
-    if x.is_inference() or torch.compiler.is_compiling():  # no version counter / traced code
+    if x.is_inference() or torch.compiler.is_compiling() or _saved_tensors_hooked():
+        # no version counter / traced code / activation checkpointing (its recomputation must
+        # save exactly what the forward saved, so every layer is computed alone, both times)
         return adapter.forward_fused(x, x, layer.base)
     if (state.x is not None and state.x() is x and x._version == state.version
             and not any(r() is layer for r in state.run)):  # a layer called again begins a new run
@@ -73,6 +75,12 @@ def call(layer: "AdaptedLayer", x: torch.Tensor, adapter: "Adapter",
             state.pending = {id(m): o for m, o in zip(members[1:], outs[1:])}
             return outs[0]
     return adapter.forward_fused(x, x, layer.base)
+
+
+def _saved_tensors_hooked() -> bool:
+    """Saved-tensor hooks are active (non-reentrant activation checkpointing, offloading)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 @torch.no_grad()
