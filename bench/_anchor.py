@@ -40,7 +40,8 @@ def adapted_anchor(method: str, **adapt_options):
 
 def adamw(model) -> torch.optim.Optimizer | None:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1e-4) if params else None
+    # foreach: torch's multi-tensor AdamW (on CPU the default is a Python loop over the tensors)
+    return torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
 
 
 def train_step(model, opt, ids) -> float:

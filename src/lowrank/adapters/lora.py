@@ -38,7 +38,7 @@ class _LoRALinear(torch.autograd.Function):
         outs, hs = [], []
         for W, b, A, B, s in zip(Ws, bs, As, Bs, scales):
             h = xa @ A.t()  # (T, r)
-            sBt = (B * s).t()  # (r, out), tiny
+            sBt = (B if s == 1.0 else B * s).t()  # (r, out), tiny
             y = h @ sBt if b is None else torch.addmm(b, h, sBt)  # (T, out)  s B A x_a + b
             outs.append(y.addmm_(x, W.t()))  # (T, out)  += W x
             hs.append(h)
@@ -58,8 +58,9 @@ class _LoRALinear(torch.autograd.Function):
         ranks = [a.shape[0] for a in As]
         A = As[0] if n == 1 else torch.cat(As)  # (R, in), R = Σ r_i
         # GH = [s_1 g_1 B_1 | ... | s_n g_n B_n]  (T, R)
-        GH = torch.cat([hs[0].new_zeros(hs[0].shape[0], r) if g is None else g @ (B * s)
-                        for g, B, s, r in zip(gs, Bs, scales, ranks)], dim=1)
+        GH = [hs[0].new_zeros(hs[0].shape[0], r) if g is None else g @ (B if s == 1.0 else B * s)
+              for g, B, s, r in zip(gs, Bs, scales, ranks)]
+        GH = GH[0] if n == 1 else torch.cat(GH, dim=1)
         gx = gxa = None
         if need[0]:
             gx = GH @ A if ctx.same_input else None  # (T, in)  Σ_i s_i g_i B_i A_i
@@ -80,7 +81,8 @@ class _LoRALinear(torch.autograd.Function):
             if need[4 + 4 * i]:
                 grads[4 * i + 1] = g.sum(0)
             if need[6 + 4 * i]:
-                grads[4 * i + 3] = (g.t() @ h).mul_(s)  # (out, r)  s g^T (A x_a)
+                gB = g.t() @ h  # (out, r)  s g^T (A x_a)
+                grads[4 * i + 3] = gB if s == 1.0 else gB.mul_(s)
         return (gx, gxa, None, *grads)
 
 
