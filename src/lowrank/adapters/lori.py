@@ -23,18 +23,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..core.adapter import Adapter
 from ..core.inject import adapted_layers
 from ..core.layers import BaseLayer
 from ..errors import AdapterNotFoundError, ConfigError
 from ..registry import register_method
-from ._shared import check_fingerprint, layer_seeds
+from .asymmetric import FrozenRandomA
 
 
 @register_method
-class LoRI(Adapter):
+class LoRI(FrozenRandomA):
     name = "lori"
     paper = "LoRI: Reducing Cross-Task Interference in Multi-Task Low-Rank Adaptation (Zhang et al., 2025), arXiv:2504.07448"
     formula = "h = W x + (alpha/r) (B ⊙ M) A x,  A frozen random, M a magnitude-calibrated mask"
@@ -53,43 +51,15 @@ class LoRI(Adapter):
     ):
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
         self.sparsity = float(sparsity)
-        g = torch.Generator(device="cpu").manual_seed(int(shared if shared is not None else seed))
+        g = self.seeded(seed, shared)
         bound = 1.0 / math.sqrt(self.in_features)  # LoRA's A init, kaiming_uniform(a=sqrt(5))
-        A = torch.empty(rank, self.in_features, device="cpu").uniform_(-bound, bound, generator=g)
-        meta = base.device.type == "meta"
-        self.register_buffer("lora_A", A.to(base.device), persistent=False)  # (r, in) frozen, from the seed
-        self.register_buffer("lora_A_check", torch.zeros(1, device=base.device) if meta else A.double().sum().float().reshape(1).to(base.device))
+        self.register_frozen_A(torch.empty(rank, self.in_features).uniform_(-bound, bound, generator=g), base)
         self.register_buffer("lori_mask", torch.ones(self.out_features, rank, dtype=torch.bool))  # M, all True = dense phase
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))  # (out, r)
-
-    @classmethod
-    def shared_state(cls, layers: dict[str, BaseLayer], rank: int, **options: Any) -> dict[str, Any]:
-        return layer_seeds(layers, options.get("seed", 0))  # a distinct A per layer
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        check_fingerprint(state["lora_A_check"], self.lora_A_check, "lori")
-        with torch.no_grad():
-            self.lori_mask.copy_(state["lori_mask"])
-            self.lora_B.copy_(state["lora_B"])
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
     @property
     def B(self) -> torch.Tensor:  # the effective sparse factor B ⊙ M
         return self.lora_B * self.lori_mask
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
-        h = F.linear(F.linear(x, self.lora_A), self.B)  # (..., out)
-        return base_out + (self.scaling * h).to(base_out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.B @ self.lora_A)
-
-    @classmethod
-    def trainable_count(cls, in_features: int, out_features: int, rank: int, **options: Any) -> int:
-        return rank * out_features
 
     @classmethod
     def validate(cls, base: BaseLayer, rank: int, path: str, **options: Any) -> None:
