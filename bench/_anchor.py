@@ -6,6 +6,7 @@ Anchor (issue 2): Llama hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -87,3 +88,20 @@ def peak_rss_bytes(module: str, name: str, batch: int, seq: int, steps: int = 2)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) * 1024  # kB -> bytes
+
+
+def comparison_parser() -> argparse.ArgumentParser:
+    """The options of a side-by-side adapter comparison (rounds, batch, sequence, memory, --only)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated configs (LoRA, the reference, always runs)")
+    return ap
+
+
+def selected(configs, only: str) -> list[str]:
+    """The configs named in ``only`` (all when empty), always with the reference ``lora``."""
+    wanted = set(only.split(",")) if only else None
+    return [n for n in configs if wanted is None or n in wanted or n == "lora"]

@@ -13,14 +13,13 @@ configuration in a fresh subprocess (build + 2 steps).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from _anchor import adapted_anchor, interleaved_medians, peak_rss_bytes, train_step
+from _anchor import adapted_anchor, comparison_parser, interleaved_medians, peak_rss_bytes, selected, train_step
 
 warnings.filterwarnings("ignore")
 R = 16
@@ -64,19 +63,14 @@ def peak_rss(name: str, batch: int, seq: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--only", default="")
+    ap = comparison_parser()
     ap.add_argument("--memory-only", action="store_true")
     args = ap.parse_args()
     if args.memory_only:
-        for n in [n for n in CONFIGS if not args.only or n in args.only.split(",") or n == "lora"]:
+        for n in selected(CONFIGS, args.only):
             print(f"peak RSS {n}: {peak_rss(n, args.batch, args.seq):.2f} GB", flush=True)
         return
-    names = [n for n in CONFIGS if not args.only or n in args.only.split(",") or n == "lora"]
+    names = selected(CONFIGS, args.only)
     torch.manual_seed(0)
     ids = torch.randint(0, 8192, (args.batch, args.seq))
     built = {n: build(n) for n in names}

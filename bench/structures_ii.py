@@ -20,14 +20,13 @@ previous forwards onto the same adapters, for before/after in one process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 import warnings
 
 import torch
-from _anchor import adapted_anchor, interleaved_medians, peak_rss_bytes, train_step
+from _anchor import adapted_anchor, comparison_parser, interleaved_medians, peak_rss_bytes, selected, train_step
 
 warnings.filterwarnings("ignore")
 R = 16
@@ -138,17 +137,12 @@ def micro(rounds: int, tokens: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--only", default="")
+    ap = comparison_parser()
     ap.add_argument("--micro", action="store_true", help="one adapted layer instead of the model")
     args = ap.parse_args()
     if args.micro:
         return micro(max(args.rounds, 9), args.batch * args.seq)
-    names = [n for n in CONFIGS if not args.only or n in args.only.split(",") or n == "lora"]
+    names = selected(CONFIGS, args.only)
     torch.manual_seed(0)
     ids = torch.randint(0, 8192, (args.batch, args.seq))
     built = {n: build(n) for n in names}
