@@ -19,12 +19,15 @@ non-zero only when the dense operand is (features, T) row-major, while activatio
 sparse products accumulate onto them there, and one transposed copy per direction brings the
 sum back (forward: xᵀ in, y out; backward: dyᵀ in, dx out).  Every gradient reaches autograd in
 the ordinary row-major layout (a transposed-layout gradient makes each downstream elementwise
-backward op strided, which costs more than the sparse products).  xᵀ is made once per input
-tensor shared by several layers (q/k/v, gate/up), in forward and again in backward (weak
-references + version counters tell that it is the same, unmodified tensor); the SDDMM reads it
-row-major.  These (features, T) intermediates live only inside one call, in a per-thread scratch
-reused by every layer (at most four blocks of the widest layer's width x T, independent of
-depth; :func:`release_scratch` frees it).
+backward op strided, which costs more than the sparse products).
+
+xᵀ is made once per input tensor and saved for backward *instead of* x (same bytes; BLAS reads
+x as xᵀ's transposed view for dA, and the SDDMM reads xᵀ's rows).  Layers that read one input
+(q/k/v, gate/up) run as one autograd node (:func:`lowrank_plus_sparse_shared`): their input
+gradients are summed in the (in, T) layout and transposed back once.  Layers called one by one
+on the same tensor still share xᵀ (weak references + version counters tell that it is the same,
+unmodified tensor).  The other (features, T) intermediates live only inside one call, in a
+per-thread scratch reused by every layer (:func:`release_scratch` frees it).
 
 :func:`lowrank_plus_sparse_dense` is the reference implementation's formulation (Han et al.):
 a transient dense W = s · B A + scatter(S) per call, one GEMM on the activations, and the value
@@ -40,14 +43,15 @@ import weakref
 
 import torch
 
+from . import _sparse_cpu as _cpu
+
 _scratch = threading.local()
 
 
 def release_scratch() -> None:
     """Free this thread's scratch buffers (they are re-created on the next SLTrain call)."""
     _scratch.__dict__.pop("buffers", None)
-    for cache in (_FORWARD_T, _BACKWARD_T):
-        cache.ref, cache.xt = None, None
+    _TRANSPOSED.ref, _TRANSPOSED.xt = None, None
 
 
 def _workspace(role: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -87,84 +91,185 @@ class SparsePattern:
         self.crow_t[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
         self.crow_t = self.crow_t.to(itype)
         self.col_t = rows[self.perm].to(itype)
+        if dev.type == "cpu":  # numpy views for the token-major CPU kernels
+            self.crow_np, self.col_np = self.crow.numpy(), self.col.numpy()
+            self.crow_t_np, self.col_t_np = self.crow_t.numpy(), self.col_t.numpy()
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
-        vt = torch.index_select(values, 0, self.perm)
-        return torch.sparse_csr_tensor(self.crow_t, self.col_t, vt, (self.shape[1], self.shape[0]), check_invariants=False)
+        vt = torch.index_select(values, 0, self.perm)  # Sᵀ's value order
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                self.crow_t, self.col_t, vt, (self.shape[1], self.shape[0]), check_invariants=False
+            )
 
 
 class _LowRankPlusSparse(torch.autograd.Function):
-    """s · B A x + S x on x (T, in), gradients for x, A, B and the values in their own layouts.
+    """y_i = s_i · B_i A_i x + S_i x for n layers on one x (T, in): q/k/v or gate/up as one node
+    (n = 1 for a layer alone); gradients for x, A_i, B_i and the values in their own layouts.
 
-    Saves only what a plain two-factor layer saves (x and h = A x): xᵀ is rebuilt in scratch
-    in backward (once per input shared by several layers) rather than kept.
+    Saves xᵀ (in, T) in place of x (the same bytes: the A-gradient reads x as xᵀ's transposed
+    view, and the sampled value gradient reads xᵀ's rows), plus each h_i = A_i x.  The input
+    gradient of all n layers is summed in the (in, T) layout and transposed once.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, values, pattern: SparsePattern, scaling: float):
-        n_out, n_tok = pattern.shape[0], x.shape[0]
-        xt = _FORWARD_T.get(x)  # (in, T) scratch
-        h = torch.mm(x, A.t())  # (T, r)
-        zt = torch.mm(B, h.t(), out=_workspace("out", n_out, n_tok, x))  # (out, T)  B hᵀ
-        if scaling != 1.0:
-            zt.mul_(scaling)
-        zt.addmm_(pattern.matrix(values), xt)  # (out, T)  + S xᵀ
-        ctx.pattern, ctx.scaling = pattern, scaling
-        ctx.save_for_backward(x, A, B, values, h)
-        return zt.t().contiguous()  # (T, out)
+    def forward(ctx, x, xt, patterns: tuple, scalings: tuple, *params):  # params: A_i (r, in), B_i (out, r), v_i (nnz,)
+        n_tok = x.shape[0]
+        ys, hs = [], []
+        for i, (pattern, s) in enumerate(zip(patterns, scalings)):
+            A, B, values = params[3 * i: 3 * i + 3]
+            h = torch.mm(x, A.t())  # (T, r)
+            zt = _workspace("out", pattern.shape[0], n_tok, x)
+            torch.addmm(zt, B, h.t(), beta=0, alpha=s, out=zt)  # (out, T)  s B hᵀ
+            zt.addmm_(pattern.matrix(values.detach()), xt)  # (out, T)  + S xᵀ
+            ys.append(zt.t().contiguous())  # (T, out)
+            hs.append(h)
+        ctx.patterns, ctx.scalings = patterns, scalings
+        ctx.save_for_backward(xt, *params, *hs)
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, A, B, values, h = ctx.saved_tensors
-        pattern: SparsePattern = ctx.pattern
-        s = ctx.scaling
-        need_x, need_A, need_B, need_v = ctx.needs_input_grad[:4]
-        dy = dy.contiguous()  # (T, out)
-        n_tok, n_in = x.shape
-        gx = gA = gB = gv = None
-        g = torch.mm(dy, B)  # (T, r)
-        if s != 1.0:
-            g.mul_(s)
-        if need_B:
-            gB = torch.mm(dy.t(), h)  # (out, r)
-            if s != 1.0:
-                gB.mul_(s)
-        if need_A:
-            gA = torch.mm(g.t(), x)  # (r, in)
-        if need_x or need_v:
+    def backward(ctx, *dys):
+        xt, *rest = ctx.saved_tensors
+        patterns, scalings = ctx.patterns, ctx.scalings
+        n = len(patterns)
+        params, hs = rest[: 3 * n], rest[3 * n:]
+        need = ctx.needs_input_grad  # x, xt, patterns, scalings, then A_i, B_i, v_i
+        live = [i for i, dy in enumerate(dys) if dy is not None]  # outputs that got a gradient
+        if not live:
+            return (None,) * (4 + 3 * n)
+        ranks = [params[3 * i].shape[0] for i in live]
+        n_in, n_tok = xt.shape
+        grads: list[torch.Tensor | None] = [None] * (3 * n)
+        # g_i = s_i dy_i B_i of every live layer side by side: one GEMM then gives all the
+        # A-gradients (gᵀ x) and one the low-rank part of dx (Σ_i A_iᵀ g_iᵀ)
+        g = xt.new_empty(n_tok, sum(ranks))  # (T, Σr)
+        dy_of: dict[int, torch.Tensor] = {}
+        col = 0
+        for i, r in zip(live, ranks):
+            B, s, h = params[3 * i + 1], scalings[i], hs[i]
+            dy = dy_of[i] = dys[i].contiguous()  # (T, out)
+            torch.addmm(g[:, col: col + r], dy, B, beta=0, alpha=s, out=g[:, col: col + r])  # (T, r)
+            col += r
+            if need[5 + 3 * i]:
+                grads[3 * i + 1] = torch.addmm(B, dy.t(), h, beta=0, alpha=s)  # (out, r)  s dyᵀ h
+        if any(need[4 + 3 * i] for i in live):
+            gA = torch.mm(g.t(), xt.t())  # (Σr, in)  gᵀ x, each layer's rows contiguous
+            row = 0
+            for i, r in zip(live, ranks):
+                if need[4 + 3 * i]:
+                    grads[3 * i] = gA[row: row + r]
+                row += r
+        gxt = None
+        if need[0]:
+            a_cat = torch.cat([params[3 * i] for i in live]) if len(live) > 1 else params[3 * live[0]]  # (Σr, in)
+            gxt = torch.mm(a_cat.t(), g.t(), out=_workspace("in", n_in, n_tok, xt))  # (in, T)  Σ_i A_iᵀ g_iᵀ
+        for i in live:
+            if not (need[0] or need[6 + 3 * i]):
+                continue
+            pattern, values, dy = patterns[i], params[3 * i + 2].detach(), dy_of[i]
             dyt = _workspace("out", dy.shape[1], n_tok, dy).copy_(dy.t())  # (out, T)  the one transposed copy of dy
-            if need_v:  # dS on the support: rows of dyᵀ against rows of xᵀ
-                xt = _BACKWARD_T.get(x)  # (in, T) scratch
-                st = pattern.matrix(values.detach())
-                gv = torch.sparse.sampled_addmm(st, dyt, xt.t(), beta=0.0).values()  # (nnz,) in S's order
-            if need_x:
-                gxt = torch.mm(A.t(), g.t(), out=_workspace("in", n_in, n_tok, dy))  # (in, T)  Aᵀ gᵀ
-                gxt.addmm_(pattern.matrix_t(values.detach()), dyt)  # + Sᵀ dyᵀ
-                gx = gxt.t().contiguous()  # (T, in)
-        return gx, gA, gB, gv, None, None
+            if need[6 + 3 * i]:  # dS on the support: rows of dyᵀ against rows of xᵀ
+                grads[3 * i + 2] = torch.sparse.sampled_addmm(pattern.matrix(values), dyt, xt.t(), beta=0.0).values()
+            if gxt is not None:
+                gxt.addmm_(pattern.matrix_t(values), dyt)  # (in, T)  + S_iᵀ dy_iᵀ
+        gx = gxt.t().contiguous() if gxt is not None else None  # (T, in)
+        return (gx, None, None, None, *grads)
+
+
+class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
+    """The same n-layer function on the CPU with the token-major kernels of ``_sparse_cpu``:
+    no transposed copy of any activation, no scratch; saves x and s_i h_i, like a two-factor
+    layer.  Dense products are torch GEMMs written straight in the (T, features) layout."""
+
+    @staticmethod
+    def forward(ctx, x, patterns: tuple, scalings: tuple, *params):  # params: A_i (r, in), B_i (out, r), v_i (nnz,)
+        xn = x.detach().numpy()
+        ys, hs = [], []
+        for i, (pattern, s) in enumerate(zip(patterns, scalings)):
+            A, B, values = params[3 * i: 3 * i + 3]
+            h = torch.mm(x, A.t())  # (T, r)
+            if s != 1.0:
+                h.mul_(s)  # s h: the scaling on the narrow side
+            y = torch.mm(h, B.t())  # (T, out)  s B A x
+            _cpu.add_x_st(xn, pattern.crow_np, pattern.col_np, values.detach().numpy(), y.numpy())  # + x Sᵀ
+            ys.append(y)
+            hs.append(h)
+        ctx.patterns, ctx.scalings = patterns, scalings
+        ctx.save_for_backward(x, *params, *hs)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, *rest = ctx.saved_tensors
+        patterns, scalings = ctx.patterns, ctx.scalings
+        n = len(patterns)
+        params, hs = rest[: 3 * n], rest[3 * n:]
+        need = ctx.needs_input_grad  # x, patterns, scalings, then A_i, B_i, v_i
+        live = [i for i, dy in enumerate(dys) if dy is not None]
+        if not live:
+            return (None,) * (3 + 3 * n)
+        ranks = [params[3 * i].shape[0] for i in live]
+        grads: list[torch.Tensor | None] = [None] * (3 * n)
+        g = x.new_empty(x.shape[0], sum(ranks))  # (T, Σr)  s_i dy_i B_i side by side
+        dys_c: dict[int, torch.Tensor] = {}
+        col = 0
+        for i, r in zip(live, ranks):
+            B, s = params[3 * i + 1], scalings[i]
+            dy = dys_c[i] = dys[i].contiguous()  # (T, out)
+            torch.addmm(g[:, col: col + r], dy, B, beta=0, alpha=s, out=g[:, col: col + r])  # (T, r)
+            col += r
+            if need[4 + 3 * i]:
+                grads[3 * i + 1] = torch.mm(dy.t(), hs[i])  # (out, r)  dyᵀ (s h)
+        if any(need[3 + 3 * i] for i in live):
+            gA = torch.mm(g.t(), x)  # (Σr, in)  gᵀ x, each layer's rows contiguous
+            row = 0
+            for i, r in zip(live, ranks):
+                if need[3 + 3 * i]:
+                    grads[3 * i] = gA[row: row + r]
+                row += r
+        gx = None
+        if need[0]:
+            a_cat = torch.cat([params[3 * i] for i in live]) if len(live) > 1 else params[3 * live[0]]  # (Σr, in)
+            gx = torch.mm(g, a_cat)  # (T, in)  Σ_i g_i A_i
+        xn = x.detach().numpy()
+        for i in live:
+            need_v = need[5 + 3 * i]
+            if gx is None and not need_v:
+                continue
+            pattern, values = patterns[i], params[3 * i + 2].detach()
+            vt = torch.index_select(values, 0, pattern.perm)  # Sᵀ's value order
+            gv = _cpu.add_dy_s(dys_c[i].numpy(), xn, pattern.crow_t_np, pattern.col_t_np, vt.numpy(),
+                               pattern.crow_np, pattern.col_np, None if gx is None else gx.numpy(), need_v)  # gx += dy S
+            if need_v:
+                grads[3 * i + 2] = torch.from_numpy(gv)  # (nnz,)  dyᵀ x at the support
+        return (gx, None, None, *grads)
 
 
 class _Transposed(threading.local):
-    """xᵀ (in, T) of the last 2-D input seen, in a scratch buffer of its own role.
+    """xᵀ (in, T) of the last input seen, as a tensor of its own (it is saved for backward).
 
-    The layers that read the same tensor (q/k/v, gate/up) get it without another copy; a hit
-    needs the very same tensor object (weak reference, so the entry never keeps it alive and
-    is dropped when it dies) at the same version (no in-place change since).
+    Layers called one by one on the same tensor (q/k/v, gate/up outside a fused run) get it
+    without another copy, and save the same storage; a hit needs the very same tensor object
+    (weak reference, so the entry never keeps it alive and is dropped when it dies) at the same
+    version (no in-place change since).
     """
 
-    def __init__(self, role: str) -> None:
-        self.role = role
+    def __init__(self) -> None:
         self.ref: weakref.ref | None = None
         self.version = -1
         self.xt: torch.Tensor | None = None
 
-    def get(self, x: torch.Tensor) -> torch.Tensor:
+    def get(self, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
         if self.ref is not None and self.ref() is x and x._version == self.version:
             return self.xt
-        xt = _workspace(self.role, x.shape[1], x.shape[0], x).copy_(x.t())
+        xt = x2d.detach().t().contiguous()  # (in, T)  data only: the node computes its gradients itself
         if x.is_inference():  # no version counter: never reused
             self.ref, self.xt = None, None
         else:
@@ -176,32 +281,7 @@ class _Transposed(threading.local):
             self.ref, self.xt = None, None
 
 
-class _Inputs2d(threading.local):
-    """The same (T, in) view object for every layer called on one input tensor, so that the
-    layers sharing it also share the saved tensor (and, in backward, its transposed scratch)."""
-
-    def __init__(self) -> None:
-        self.ref: weakref.ref | None = None
-        self.version = -1
-        self.x2d: torch.Tensor | None = None
-
-    def get(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_inference():
-            return x.reshape(-1, x.shape[-1])
-        if self.ref is not None and self.ref() is x and x._version == self.version:
-            return self.x2d
-        x2d = x.reshape(-1, x.shape[-1])
-        self.ref, self.version, self.x2d = weakref.ref(x, self._drop), x._version, x2d
-        return x2d
-
-    def _drop(self, ref: weakref.ref) -> None:
-        if self.ref is ref:
-            self.ref, self.x2d = None, None
-
-
-_FORWARD_T = _Transposed("xf")
-_BACKWARD_T = _Transposed("xb")
-_INPUTS = _Inputs2d()
+_TRANSPOSED = _Transposed()
 
 
 class _DenseWeightLowRankPlusSparse(torch.autograd.Function):
@@ -247,14 +327,44 @@ def lowrank_plus_sparse(
     torch's CPU CSR kernels take only float32/float64: other dtypes on the CPU go through the
     reference's transient-dense-W kernel (same function, one (out, in) temporary per call).
     """
-    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        return lowrank_plus_sparse_dense(x, A, B, scaling, values, pattern)
+    (y,) = lowrank_plus_sparse_shared(x, [(A, B, scaling, values, pattern)])
+    return y
+
+
+def sparse_kernel_supports(x: torch.Tensor) -> bool:
+    """The sparse kernels run on x's dtype and device (torch's CPU CSR products: fp32/fp64)."""
+    return x.device.type != "cpu" or x.dtype in (torch.float32, torch.float64)
+
+
+#: the token-major CPU kernels (numba) are used when available; False forces torch's kernels
+USE_TOKEN_MAJOR = True
+
+
+def token_major_cpu(x: torch.Tensor) -> bool:
+    return USE_TOKEN_MAJOR and _cpu.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def lowrank_plus_sparse_shared(
+    x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, SparsePattern]]
+) -> list[torch.Tensor]:
+    """s_i · B_i A_i x + S_i x for several layers (A_i, B_i, s_i, values_i, pattern_i) that read
+    the same x (..., in): one autograd node, one xᵀ, one transposed input gradient."""
+    if not sparse_kernel_supports(x):
+        return [lowrank_plus_sparse_dense(x, A, B, s, v, pat) for A, B, s, v, pat in layers]
     lead = x.shape[:-1]
-    x2d = _INPUTS.get(x) if x.dim() != 2 else x  # (T, in), one object per input tensor
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        y = _LowRankPlusSparse.apply(x2d, A, B, values, pattern, float(scaling))
-    return y.reshape(*lead, pattern.shape[0])
+    x2d = x.reshape(-1, x.shape[-1])  # (T, in)
+    params = [t for A, B, _, v, _ in layers for t in (A, B, v)]
+    if token_major_cpu(x):
+        _cpu.use_threads(torch.get_num_threads())
+        ys = _LowRankPlusSparseTokenMajor.apply(
+            x2d.contiguous(), tuple(pat for *_, pat in layers), tuple(float(s) for _, _, s, _, _ in layers), *params
+        )
+        return [y.view(*lead, pat.shape[0]) for y, (*_, pat) in zip(ys, layers)]
+    xt = _TRANSPOSED.get(x, x2d)  # (in, T)
+    ys = _LowRankPlusSparse.apply(
+        x2d, xt, tuple(pat for *_, pat in layers), tuple(float(s) for _, _, s, _, _ in layers), *params
+    )
+    return [y.view(*lead, pat.shape[0]) for y, (*_, pat) in zip(ys, layers)]
 
 
 def lowrank_plus_sparse_dense(

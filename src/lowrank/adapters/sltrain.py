@@ -32,10 +32,17 @@ from torch import nn
 from ..core.layers import BaseLayer
 from ..errors import ConfigError
 from ..registry import register_method
-from ._sparse import SparsePattern, lowrank_plus_sparse, lowrank_plus_sparse_dense, random_support
+from ..core.adapter import Adapter
+from ._sparse import (
+    SparsePattern,
+    lowrank_plus_sparse,
+    lowrank_plus_sparse_dense,
+    lowrank_plus_sparse_shared,
+    random_support,
+)
+from .factorized import FactorizedWeight
 
 _KERNELS = {"sparse": lowrank_plus_sparse, "dense": lowrank_plus_sparse_dense}
-from .factorized import FactorizedWeight
 
 
 def sparse_count(in_features: int, out_features: int, sparsity: float) -> int:
@@ -50,6 +57,8 @@ class SLTrain(FactorizedWeight):
     params_formula = "r * (in + out) + floor(delta * in * out)"
     test_options = {"sparsity": 0.1}
     kernel = "sparse"  # implementation only (same function): "dense" = the reference's transient-W kernel
+    fuses_base = True  # computes the whole layer anyway (replaces_base): forward_fused is forward
+    fuse_group = "sltrain"  # q/k/v and gate/up run as one node (shared xᵀ, one transposed dx)
 
     def __init__(
         self, base: BaseLayer, *, rank: int, alpha: float | None = None, dropout: float = 0.0, sparsity: float = 0.03
@@ -78,6 +87,16 @@ class SLTrain(FactorizedWeight):
         # s B (A x) + S x, one autograd function (no dense S or W with the default kernel)
         y = _KERNELS[self.kernel](x, self.lora_A, self.lora_B, self.scaling, self.sparse_value, self.pattern)
         return self.add_bias(y, base)  # (..., out)
+
+    def forward_fused(self, x: torch.Tensor, xa: torch.Tensor, base: BaseLayer) -> torch.Tensor:
+        return self.forward(xa, None, base)
+
+    @classmethod
+    def forward_fused_shared(cls, x: torch.Tensor, members: list[tuple[Adapter, BaseLayer]]) -> list[torch.Tensor]:
+        if any(a.kernel != "sparse" for a, _ in members):
+            return [a.forward(x, None, base) for a, base in members]
+        ys = lowrank_plus_sparse_shared(x, [(a.lora_A, a.lora_B, a.scaling, a.sparse_value, a.pattern) for a, _ in members])
+        return [a.add_bias(y, base) for y, (a, base) in zip(ys, members)]
 
     def sparse_dense(self) -> torch.Tensor:
         """S as a dense (out, in) matrix (analysis and merging only)."""
