@@ -11,7 +11,16 @@ import torch
 from torch import nn
 
 import lowrank
-from lowrank.adapters._sparse import SparsePattern, lowrank_plus_sparse, lowrank_plus_sparse_dense, release_scratch
+from functools import partial
+
+from lowrank.adapters._sparse import (
+    SparsePattern,
+    lowrank_plus_sparse,
+    lowrank_plus_sparse_dense,
+    lowrank_plus_sparse_shared,
+    release_scratch,
+    token_major_available,
+)
 from lowrank.adapters.factorized import parameterise, plain_state_dict
 from conftest import tiny_llama
 
@@ -75,7 +84,10 @@ def _dense_reference(x, A, B, s, values, flat, n_out, n_in):
     return x @ (s * B @ A + S).t()
 
 
-@pytest.mark.parametrize("kernel", [lowrank_plus_sparse, lowrank_plus_sparse_dense])
+_csr = partial(lowrank_plus_sparse, token_major=False)
+
+
+@pytest.mark.parametrize("kernel", [lowrank_plus_sparse, _csr, lowrank_plus_sparse_dense], ids=["sparse", "csr", "dense"])
 def test_sltrain_kernels_match_dense_reference_in_value_and_gradients(kernel):
     torch.manual_seed(0)
     n_out, n_in, r, nnz = 24, 40, 3, 90
@@ -106,6 +118,85 @@ def test_sltrain_kernels_match_dense_reference_in_value_and_gradients(kernel):
                                    _dense_reference(big, A, B, 0.5, values, flat, n_out, n_in))
     kernel(x * 1.0, A, B, 0.5, values, pat).sum().backward()
     assert values.grad is not None
+
+
+def test_token_major_kernels_are_the_default_on_cpu():
+    x = torch.randn(3, 8)
+    assert token_major_available(x)  # numba is a dependency: the test suite must run the fast path
+    assert not token_major_available(x.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("token_major", [True, False], ids=["token-major", "csr"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sltrain_layer_group_matches_dense_reference(token_major, dtype):
+    """Three layers on one input as one node (q/k/v): outputs equal each layer alone, gradients
+    match the dense reference, an output left out of the loss contributes nothing.  131 tokens
+    and widths that are not multiples of 8 reach the kernels' partial tiles and blocks."""
+    torch.manual_seed(1)
+    n_in, r = 21, 3
+    widths, nnzs, scales = [13, 24, 9], [40, 90, 20], [0.5, 1.0, 2.0]
+    pats = [SparsePattern(torch.randperm(o * n_in)[:k].sort().values, o, n_in) for o, k in zip(widths, nnzs)]
+    x = torch.randn(131, n_in, dtype=dtype, requires_grad=True)
+    params = [[torch.randn(*shape, dtype=dtype, requires_grad=True) for shape in [(r, n_in), (o, r), (k,)]]
+              for o, k in zip(widths, nnzs)]
+    layers = [(A, B, s, v, p) for (A, B, v), s, p in zip(params, scales, pats)]
+    ys = lowrank_plus_sparse_shared(x, layers, token_major=token_major)
+    for y, layer in zip(ys, layers):  # forward: the same bits as the layer computed alone
+        assert torch.equal(y, lowrank_plus_sparse(x, *layer[:2], layer[2], layer[3], layer[4], token_major=token_major))
+    refs = [_dense_reference(x, A, B, s, v, p.flat, *p.shape) for A, B, s, v, p in layers]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    for y, ref in zip(ys, refs):
+        torch.testing.assert_close(y, ref, **tol)
+    gys = [torch.randn_like(y) for y in ys]
+    leaves = [x] + [t for group in params[:2] for t in group]
+    loss = (ys[0] * gys[0]).sum() + (ys[1] * gys[1]).sum()  # the third output is unused
+    ref_loss = (refs[0] * gys[0]).sum() + (refs[1] * gys[1]).sum()
+    got = torch.autograd.grad(loss, leaves + params[2], allow_unused=True)
+    want = torch.autograd.grad(ref_loss, leaves + params[2], allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, **tol)
+
+
+def test_sltrain_layer_group_runs_as_one_node_in_a_model():
+    """In a Llama, q/k/v and gate/up share one autograd node each (learnt from the call order),
+    with the same outputs as the layers computed alone and gradients equal up to rounding."""
+    from lowrank.core import shared_input
+
+    model = tiny_llama()
+    parameterise(model, "sltrain", rank=4, sparsity=0.1)
+    ids = _ids()
+    shared_input.learn(model, input_ids=ids)
+    out = model(input_ids=ids, labels=ids)
+    names = set()
+    stack, seen = [out.loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add((type(fn).__name__, len(fn.next_functions)))
+        stack.extend(f for f, _ in fn.next_functions)
+    # tensor inputs: x, then (A, B, values) per layer: 3 layers for q/k/v, 2 for gate/up
+    assert ("_LowRankPlusSparseTokenMajorBackward", 1 + 3 * 3) in names, names
+    assert ("_LowRankPlusSparseTokenMajorBackward", 1 + 2 * 3) in names, names
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    alone = tiny_llama()
+    parameterise(alone, "sltrain", rank=4, sparsity=0.1)
+    alone.load_state_dict(model.state_dict())
+    for m in alone.modules():
+        if hasattr(m, "sparse_value"):
+            m.kernel = "csr"  # a different kernel class: no layer joins a group with another
+            m.fuse_group = None
+    out_alone = alone(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out_alone.logits, out.logits, rtol=1e-5, atol=1e-5)
+    out_alone.loss.backward()
+    for n, p in alone.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
 
 
 def test_sltrain_runs_in_bfloat16_on_cpu():

@@ -11,23 +11,26 @@ and Sᵀ are derived from the indices once and cached (the support never changes
                dS_ij = Σ_t dy_ti x_tj  on the support only                     sampled matmul (SDDMM)
 
 Memory scales with nnz, never with out · in: no dense S and no dense weight exist at any point,
-and a layer saves for backward exactly what a two-factor layer saves (x and h).
+and a layer saves for backward what a two-factor layer saves (x, or the same bytes as xᵀ, and h).
+Layers that read one input (q/k/v, gate/up) run as one autograd node
+(:func:`lowrank_plus_sparse_shared`): one GEMM gives all their A-gradients and one the low-rank
+part of their summed input gradient.
 
-Layout is what makes this fast on a CPU.  torch's CSR @ dense runs as one contiguous axpy per
-non-zero only when the dense operand is (features, T) row-major, while activations are
-(T, features).  So: the low-rank GEMMs write their results in the (features, T) layout, the
-sparse products accumulate onto them there, and one transposed copy per direction brings the
-sum back (forward: xᵀ in, y out; backward: dyᵀ in, dx out).  Every gradient reaches autograd in
-the ordinary row-major layout (a transposed-layout gradient makes each downstream elementwise
-backward op strided, which costs more than the sparse products).
+Layout is what decides the speed on a CPU: activations are token-major, (T, features).
 
-xᵀ is made once per input tensor and saved for backward *instead of* x (same bytes; BLAS reads
-x as xᵀ's transposed view for dA, and the SDDMM reads xᵀ's rows).  Layers that read one input
-(q/k/v, gate/up) run as one autograd node (:func:`lowrank_plus_sparse_shared`): their input
-gradients are summed in the (in, T) layout and transposed back once.  Layers called one by one
-on the same tensor still share xᵀ (weak references + version counters tell that it is the same,
-unmodified tensor).  The other (features, T) intermediates live only inside one call, in a
-per-thread scratch reused by every layer (:func:`release_scratch` frees it).
+* Token-major kernels (``_LowRankPlusSparseTokenMajor``, the default on the CPU): numba kernels
+  (``_sparse_cpu.py``) add x Sᵀ and dy S straight into the (T, features) GEMM outputs and compute
+  the value gradient, each transposing only a tile of tokens inside the cache.
+* torch's CSR kernels (``_LowRankPlusSparse``: other devices, no numba, or ``token_major=False``):
+  CSR @ dense runs as one contiguous axpy per non-zero only when the dense operand is
+  (features, T) row-major.  So the low-rank GEMMs write their results in that layout, the sparse
+  products accumulate onto them there, and one transposed copy per direction brings the sum back
+  (forward: xᵀ in, y out; backward: dyᵀ in, dx out).  Every gradient reaches autograd in the
+  ordinary row-major layout (a transposed-layout gradient makes each downstream elementwise
+  backward op strided, which costs more than the sparse products).  xᵀ is made once per input
+  tensor and saved instead of x; a layer group transposes its summed input gradient once.  The
+  other (features, T) intermediates live only inside one call, in a per-thread scratch
+  (:func:`release_scratch` frees it).
 
 :func:`lowrank_plus_sparse_dense` is the reference implementation's formulation (Han et al.):
 a transient dense W = s · B A + scatter(S) per call, one GEMM on the activations, and the value
@@ -37,13 +40,17 @@ gradient gathered from the dense dW = dyᵀ x.  It is kept for the side-by-side 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import threading
 import warnings
 import weakref
 
 import torch
 
-from . import _sparse_cpu as _cpu
+#: numba is there for the token-major CPU kernels (``_sparse_cpu``, imported on first use: it
+#: loads LLVM, about 100 MB, which a process that never runs SLTrain should not pay)
+_NUMBA = importlib.util.find_spec("numba") is not None
 
 _scratch = threading.local()
 
@@ -198,7 +205,7 @@ class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
             if s != 1.0:
                 h.mul_(s)  # s h: the scaling on the narrow side
             y = torch.mm(h, B.t())  # (T, out)  s B A x
-            _cpu.add_x_st(xn, pattern.crow_np, pattern.col_np, values.detach().numpy(), y.numpy())  # + x Sᵀ
+            _cpu().add_x_st(xn, pattern.crow_np, pattern.col_np, values.detach().numpy(), y.numpy())  # + x Sᵀ
             ys.append(y)
             hs.append(h)
         ctx.patterns, ctx.scalings = patterns, scalings
@@ -245,7 +252,7 @@ class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
                 continue
             pattern, values = patterns[i], params[3 * i + 2].detach()
             vt = torch.index_select(values, 0, pattern.perm)  # Sᵀ's value order
-            gv = _cpu.add_dy_s(dys_c[i].numpy(), xn, pattern.crow_t_np, pattern.col_t_np, vt.numpy(),
+            gv = _cpu().add_dy_s(dys_c[i].numpy(), xn, pattern.crow_t_np, pattern.col_t_np, vt.numpy(),
                                pattern.crow_np, pattern.col_np, None if gx is None else gx.numpy(), need_v)  # gx += dy S
             if need_v:
                 grads[3 * i + 2] = torch.from_numpy(gv)  # (nnz,)  dyᵀ x at the support
@@ -320,14 +327,17 @@ class _DenseWeightLowRankPlusSparse(torch.autograd.Function):
 
 
 def lowrank_plus_sparse(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, values: torch.Tensor, pattern: SparsePattern
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, values: torch.Tensor, pattern: SparsePattern,
+    token_major: bool = True,
 ) -> torch.Tensor:
     """s · B A x + S x for x (..., in) -> (..., out), with sparse kernels (no dense S or W).
 
-    torch's CPU CSR kernels take only float32/float64: other dtypes on the CPU go through the
-    reference's transient-dense-W kernel (same function, one (out, in) temporary per call).
+    On the CPU the token-major kernels run when numba is installed (``token_major=False`` forces
+    torch's CSR kernels on feature-major copies).  torch's CPU CSR kernels take only
+    float32/float64: other dtypes on the CPU go through the reference's transient-dense-W kernel
+    (same function, one (out, in) temporary per call).
     """
-    (y,) = lowrank_plus_sparse_shared(x, [(A, B, scaling, values, pattern)])
+    (y,) = lowrank_plus_sparse_shared(x, [(A, B, scaling, values, pattern)], token_major=token_major)
     return y
 
 
@@ -336,35 +346,33 @@ def sparse_kernel_supports(x: torch.Tensor) -> bool:
     return x.device.type != "cpu" or x.dtype in (torch.float32, torch.float64)
 
 
-#: the token-major CPU kernels (numba) are used when available; False forces torch's kernels
-USE_TOKEN_MAJOR = True
+def token_major_available(x: torch.Tensor) -> bool:
+    """The token-major CPU kernels can run on x (a CPU fp32/fp64 tensor, numba installed)."""
+    return _NUMBA and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
-def token_major_cpu(x: torch.Tensor) -> bool:
-    return USE_TOKEN_MAJOR and _cpu.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+def _cpu():
+    return importlib.import_module("lowrank.adapters._sparse_cpu")
 
 
 def lowrank_plus_sparse_shared(
-    x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, SparsePattern]]
+    x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, SparsePattern]],
+    token_major: bool = True,
 ) -> list[torch.Tensor]:
     """s_i · B_i A_i x + S_i x for several layers (A_i, B_i, s_i, values_i, pattern_i) that read
-    the same x (..., in): one autograd node, one xᵀ, one transposed input gradient."""
+    the same x (..., in), as one autograd node (one input gradient for all of them)."""
     if not sparse_kernel_supports(x):
         return [lowrank_plus_sparse_dense(x, A, B, s, v, pat) for A, B, s, v, pat in layers]
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])  # (T, in)
     params = [t for A, B, _, v, _ in layers for t in (A, B, v)]
-    if token_major_cpu(x):
-        _cpu.use_threads(torch.get_num_threads())
-        ys = _LowRankPlusSparseTokenMajor.apply(
-            x2d.contiguous(), tuple(pat for *_, pat in layers), tuple(float(s) for _, _, s, _, _ in layers), *params
-        )
-        return [y.view(*lead, pat.shape[0]) for y, (*_, pat) in zip(ys, layers)]
-    xt = _TRANSPOSED.get(x, x2d)  # (in, T)
-    ys = _LowRankPlusSparse.apply(
-        x2d, xt, tuple(pat for *_, pat in layers), tuple(float(s) for _, _, s, _, _ in layers), *params
-    )
-    return [y.view(*lead, pat.shape[0]) for y, (*_, pat) in zip(ys, layers)]
+    patterns, scalings = tuple(pat for *_, pat in layers), tuple(float(s) for _, _, s, _, _ in layers)
+    if token_major and token_major_available(x):
+        _cpu().use_threads(torch.get_num_threads())
+        ys = _LowRankPlusSparseTokenMajor.apply(x2d.contiguous(), patterns, scalings, *params)
+    else:
+        ys = _LowRankPlusSparse.apply(x2d, _TRANSPOSED.get(x, x2d), patterns, scalings, *params)
+    return [y.view(*lead, pat.shape[0]) for y, pat in zip(ys, patterns)]
 
 
 def lowrank_plus_sparse_dense(

@@ -12,105 +12,100 @@ sum of the value gradient belongs to one tile, so results do not depend on the t
     add_dy_s(dy, x, crow_t, col_t, val_t,          dx (T, in) += dy S         Sᵀ as CSR
              crow, col, dx, gv)                   gv[k] = Σ_t dy[t, i_k] x[t, j_k]   (S's order)
 
-Compiled on first use and cached on disk (``cache=True``).  ``AVAILABLE`` is False when numba
-cannot be imported; callers then use torch's kernels on feature-major copies.
+Compiled on first use and cached on disk (``cache=True``).  ``_sparse`` imports this module only
+when it runs a kernel (numba loads LLVM) and uses torch's kernels on feature-major copies when
+numba is not installed.
 """
 
 from __future__ import annotations
 
-try:
-    import numba
-    import numpy as np
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps the fallback honest
-    AVAILABLE = False
-else:
-    AVAILABLE = True
+import numba
+import numpy as np
 
-TILE = 64  # tokens per tile: a (features x 64) fp32 tile of a 1024-wide layer is 256 KiB (L2)
+TILE = 128  # tokens per tile: a (features x 128) fp32 tile of a 704-wide layer is 352 KiB (L2)
 _FAST = {"reassoc", "contract", "nsz", "arcp"}  # vectorise sums; keep NaN/inf semantics
 
-if AVAILABLE:
 
-    @numba.njit(fastmath=_FAST, cache=True, inline="always")
-    def _tile_t(src, t0, nt, dst):  # pragma: no cover - compiled
-        """dst[:, :nt] = src[t0:t0 + nt, :]ᵀ, in 8 x 8 blocks (both sides stay in cache lines)."""
-        n = src.shape[1]
-        a8, n8 = nt - nt % 8, n - n % 8
-        for a0 in range(0, a8, 8):
-            for j0 in range(0, n8, 8):
-                for a in range(8):
-                    for j in range(8):
-                        dst[j0 + j, a0 + a] = src[t0 + a0 + a, j0 + j]
-            for a in range(a0, a0 + 8):
-                for j in range(n8, n):
-                    dst[j, a] = src[t0 + a, j]
-        for a in range(a8, nt):
-            for j in range(n):
+@numba.njit(fastmath=_FAST, cache=True, inline="always")
+def _tile_t(src, t0, nt, dst):  # pragma: no cover - compiled
+    """dst[:, :nt] = src[t0:t0 + nt, :]ᵀ, in 8 x 8 blocks (both sides stay in cache lines)."""
+    n = src.shape[1]
+    a8, n8 = nt - nt % 8, n - n % 8
+    for a0 in range(0, a8, 8):
+        for j0 in range(0, n8, 8):
+            for a in range(8):
+                for j in range(8):
+                    dst[j0 + j, a0 + a] = src[t0 + a0 + a, j0 + j]
+        for a in range(a0, a0 + 8):
+            for j in range(n8, n):
                 dst[j, a] = src[t0 + a, j]
+    for a in range(a8, nt):
+        for j in range(n):
+            dst[j, a] = src[t0 + a, j]
 
-    @numba.njit(fastmath=_FAST, cache=True, inline="always")
-    def _tile_add_t(acc, nt, dst, t0):  # pragma: no cover - compiled
-        """dst[t0:t0 + nt, :] += acc[:, :nt]ᵀ, in 8 x 8 blocks."""
-        n = dst.shape[1]
-        a8, n8 = nt - nt % 8, n - n % 8
-        for a0 in range(0, a8, 8):
-            for j0 in range(0, n8, 8):
-                for a in range(8):
-                    for j in range(8):
-                        dst[t0 + a0 + a, j0 + j] += acc[j0 + j, a0 + a]
-            for a in range(a0, a0 + 8):
-                for j in range(n8, n):
-                    dst[t0 + a, j] += acc[j, a]
-        for a in range(a8, nt):
-            for j in range(n):
+@numba.njit(fastmath=_FAST, cache=True, inline="always")
+def _tile_add_t(acc, nt, dst, t0):  # pragma: no cover - compiled
+    """dst[t0:t0 + nt, :] += acc[:, :nt]ᵀ, in 8 x 8 blocks."""
+    n = dst.shape[1]
+    a8, n8 = nt - nt % 8, n - n % 8
+    for a0 in range(0, a8, 8):
+        for j0 in range(0, n8, 8):
+            for a in range(8):
+                for j in range(8):
+                    dst[t0 + a0 + a, j0 + j] += acc[j0 + j, a0 + a]
+        for a in range(a0, a0 + 8):
+            for j in range(n8, n):
                 dst[t0 + a, j] += acc[j, a]
+    for a in range(a8, nt):
+        for j in range(n):
+            dst[t0 + a, j] += acc[j, a]
 
-    @numba.njit(fastmath=_FAST, cache=True, inline="always")
-    def _rows(crow, col, val, src, acc, tile):  # pragma: no cover - compiled
-        """acc[i] = Σ_k val_k · src[col_k] over row i of a CSR matrix, for every row."""
-        for i in range(crow.shape[0] - 1):
-            for k in range(crow[i], crow[i + 1]):
-                v = val[k]
-                j = col[k]
-                for a in range(tile):
-                    acc[i, a] += v * src[j, a]
+@numba.njit(fastmath=_FAST, cache=True, inline="always")
+def _rows(crow, col, val, src, acc, nt):  # pragma: no cover - compiled
+    """acc[i, :nt] += Σ_k val_k · src[col_k, :nt] over row i of a CSR matrix, for every row."""
+    for i in range(crow.shape[0] - 1):
+        for k in range(crow[i], crow[i + 1]):
+            v = val[k]
+            j = col[k]
+            for a in range(nt):
+                acc[i, a] += v * src[j, a]
 
-    @numba.njit(parallel=True, fastmath=_FAST, cache=True)
-    def _add_x_st(x, crow, col, val, y, tile):  # pragma: no cover - compiled
-        n_tok, n_in = x.shape
-        n_out = y.shape[1]
-        for b in numba.prange((n_tok + tile - 1) // tile):
-            t0 = b * tile
-            nt = min(n_tok, t0 + tile) - t0
-            xt = np.zeros((n_in, tile), x.dtype)  # this tile of x, feature-major
+@numba.njit(parallel=True, fastmath=_FAST, cache=True)
+def _add_x_st(x, crow, col, val, y, tile):  # pragma: no cover - compiled
+    n_tok, n_in = x.shape
+    n_out = y.shape[1]
+    for b in numba.prange((n_tok + tile - 1) // tile):
+        t0 = b * tile
+        nt = min(n_tok, t0 + tile) - t0
+        xt = np.empty((n_in, tile), x.dtype)  # this tile of x, feature-major (columns < nt)
+        _tile_t(x, t0, nt, xt)
+        acc = np.zeros((n_out, tile), x.dtype)
+        _rows(crow, col, val, xt, acc, nt)  # S xtᵀ on the tile
+        _tile_add_t(acc, nt, y, t0)
+
+@numba.njit(parallel=True, fastmath=_FAST, cache=True)
+def _add_dy_s(dy, x, crow_t, col_t, val_t, crow, col, dx, gv_tiles, tile):  # pragma: no cover - compiled
+    n_tok, n_out = dy.shape
+    n_in = x.shape[1]
+    for b in numba.prange((n_tok + tile - 1) // tile):
+        t0 = b * tile
+        nt = min(n_tok, t0 + tile) - t0
+        dyt = np.empty((n_out, tile), dy.dtype)  # this tile of dy, feature-major (columns < nt)
+        _tile_t(dy, t0, nt, dyt)
+        if dx.shape[0] > 0:
+            acc = np.zeros((n_in, tile), dy.dtype)
+            _rows(crow_t, col_t, val_t, dyt, acc, nt)  # Sᵀ dytᵀ on the tile
+            _tile_add_t(acc, nt, dx, t0)
+        if gv_tiles.shape[0] > 0:  # this tile's share of dyᵀ x at the support
+            xt = np.empty((n_in, tile), dy.dtype)
             _tile_t(x, t0, nt, xt)
-            acc = np.zeros((n_out, tile), x.dtype)
-            _rows(crow, col, val, xt, acc, tile)  # S xtᵀ on the tile
-            _tile_add_t(acc, nt, y, t0)
-
-    @numba.njit(parallel=True, fastmath=_FAST, cache=True)
-    def _add_dy_s(dy, x, crow_t, col_t, val_t, crow, col, dx, gv_tiles, tile):  # pragma: no cover - compiled
-        n_tok, n_out = dy.shape
-        n_in = x.shape[1]
-        for b in numba.prange((n_tok + tile - 1) // tile):
-            t0 = b * tile
-            nt = min(n_tok, t0 + tile) - t0
-            dyt = np.zeros((n_out, tile), dy.dtype)  # this tile of dy, feature-major
-            _tile_t(dy, t0, nt, dyt)
-            if dx.shape[0] > 0:
-                acc = np.zeros((n_in, tile), dy.dtype)
-                _rows(crow_t, col_t, val_t, dyt, acc, tile)  # Sᵀ dytᵀ on the tile
-                _tile_add_t(acc, nt, dx, t0)
-            if gv_tiles.shape[0] > 0:  # this tile's share of dyᵀ x at the support
-                xt = np.zeros((n_in, tile), dy.dtype)
-                _tile_t(x, t0, nt, xt)
-                for i in range(n_out):
-                    for k in range(crow[i], crow[i + 1]):
-                        j = col[k]
-                        s = dyt[i, 0] * xt[j, 0]  # (in the arrays' dtype)
-                        for a in range(1, tile):
-                            s += dyt[i, a] * xt[j, a]
-                        gv_tiles[b, k] = s
+            for i in range(n_out):
+                for k in range(crow[i], crow[i + 1]):
+                    j = col[k]
+                    s = dyt[i, 0] * xt[j, 0]  # (in the arrays' dtype)
+                    for a in range(1, nt):
+                        s += dyt[i, a] * xt[j, a]
+                    gv_tiles[b, k] = s
 
 
 def add_x_st(x, crow, col, val, y) -> None:

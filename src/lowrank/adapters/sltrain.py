@@ -9,14 +9,17 @@ B = 0, S values U(-1/√in, 1/√in), support drawn by a random permutation and 
 s = alpha / r.  S is stored as sorted flat indices (int64 buffer, saved) plus values (the
 trainable parameter).
 
-The layer is one autograd function (``_sparse.py``).  The reference builds a transient dense
-W = B A + scatter(S) and runs one GEMM on the activations (its dW = dyᵀ x is gathered at the
-support for the value gradient); here the low-rank part runs in activation space and S x, Sᵀ dy
-and the sampled value gradient run as sparse kernels, so no dense (out, in) matrix exists in
-forward or backward.  Both compute the same function; on the CPU the sparse form is the faster
-(1.3-1.4x the factorised baseline's step against 1.6-1.7x; ``kernel = "dense"`` on an instance
-selects the reference's, for comparison; BENCHMARKS.md).  CPU dtypes without CSR kernels
-(bf16, fp16) fall back to the reference's kernel.
+The layer is one autograd function (``_sparse.py``); layers that read one input (q/k/v,
+gate/up) run as one.  The reference builds a transient dense W = B A + scatter(S) per call and
+runs one GEMM on the activations (its dW = dyᵀ x is gathered at the support for the value
+gradient).  Here the low-rank part runs in activation space and S x, dy S and the sampled value
+gradient run as sparse kernels, so no dense (out, in) matrix exists in forward or backward.  On
+the CPU these are numba kernels that read activations in their own token-major layout
+(``_sparse_cpu.py``); torch's CSR kernels (``kernel = "csr"`` on an instance; the fallback
+without numba, and on other devices) need feature-major copies of every activation, which cost
+more than the products.  All compute the same function; measured side by side in BENCHMARKS.md
+(``kernel = "dense"`` selects the reference's).  CPU dtypes without these kernels (bf16, fp16)
+fall back to the reference's kernel.
 
 Trainable parameters per layer: r · (in + out) + ⌊δ · in · out⌋.
 """
@@ -24,6 +27,7 @@ Trainable parameters per layer: r · (in + out) + ⌊δ · in · out⌋.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -42,7 +46,11 @@ from ._sparse import (
 )
 from .factorized import FactorizedWeight
 
-_KERNELS = {"sparse": lowrank_plus_sparse, "dense": lowrank_plus_sparse_dense}
+_KERNELS = {
+    "sparse": lowrank_plus_sparse,  # token-major CPU kernels where numba is installed, else torch CSR
+    "csr": partial(lowrank_plus_sparse, token_major=False),  # torch CSR on feature-major copies
+    "dense": lowrank_plus_sparse_dense,  # the reference's transient dense W
+}
 
 
 def sparse_count(in_features: int, out_features: int, sparsity: float) -> int:
@@ -56,7 +64,9 @@ class SLTrain(FactorizedWeight):
     formula = "h = s B A x + S x + b,  S with a fixed random support of density delta"
     params_formula = "r * (in + out) + floor(delta * in * out)"
     test_options = {"sparsity": 0.1}
-    kernel = "sparse"  # implementation only (same function): "dense" = the reference's transient-W kernel
+    #: implementation only (the same function): "sparse", "csr" (torch's CSR kernels on
+    #: feature-major copies) or "dense" (the reference's transient-W kernel); set on an instance
+    kernel = "sparse"
     fuses_base = True  # computes the whole layer anyway (replaces_base): forward_fused is forward
     fuse_group = "sltrain"  # q/k/v and gate/up run as one node (shared xᵀ, one transposed dx)
 
@@ -93,9 +103,13 @@ class SLTrain(FactorizedWeight):
 
     @classmethod
     def forward_fused_shared(cls, x: torch.Tensor, members: list[tuple[Adapter, BaseLayer]]) -> list[torch.Tensor]:
-        if any(a.kernel != "sparse" for a, _ in members):
+        kernels = {a.kernel for a, _ in members}
+        if len(kernels) > 1 or "dense" in kernels:
             return [a.forward(x, None, base) for a, base in members]
-        ys = lowrank_plus_sparse_shared(x, [(a.lora_A, a.lora_B, a.scaling, a.sparse_value, a.pattern) for a, _ in members])
+        ys = lowrank_plus_sparse_shared(
+            x, [(a.lora_A, a.lora_B, a.scaling, a.sparse_value, a.pattern) for a, _ in members],
+            token_major=kernels == {"sparse"},
+        )
         return [a.add_bias(y, base) for y, (a, base) in zip(ys, members)]
 
     def sparse_dense(self) -> torch.Tensor:
