@@ -10,8 +10,14 @@ parameter counts x 4 bytes); and the median time of a full training step (forwar
 optimizer step, schedule callback), methods interleaved round-robin so machine load hits all
 alike.  Prints ratios to full-rank AdamW and SLTrain's step time relative to the factorised
 (``lowrank``) baseline.  ``sltrain-dense`` is SLTrain through the reference implementation's
-kernel (a transient dense W = B A + scatter(S) per layer, one GEMM on the activations) instead
-of the default sparse kernels: the same function, timed side by side.
+kernel (a transient dense W = B A + scatter(S) per layer, one GEMM on the activations) and
+``sltrain-csr`` through torch's CSR kernels on feature-major copies, instead of the default
+token-major sparse kernels: the same function, timed side by side.
+
+The model of ``lowrank bench --task pretrain`` (llama-small, its recipes' rank 32, two threads):
+
+    .venv/bin/python bench/pretrain_params.py --inter 704 --heads 8 --vocab 256 --rank 32 --threads 2 \
+        --steps 30 --methods lowrank,sltrain,sltrain-csr,sltrain-dense --no-peak
 
 Peak memory: each method also runs in a fresh subprocess (build, then 2 training steps) that
 reports its own VmHWM (peak RSS) and its RSS just before the first step; "step peak" = the
@@ -105,6 +111,7 @@ def formula_bytes(method, model_fresh, args):
         "lowrank": lambda o, i: LowRank.trainable_count(i, o, r),
         "sltrain": lambda o, i: SLTrain.trainable_count(i, o, r, sparsity=args.sparsity),
         "sltrain-dense": lambda o, i: SLTrain.trainable_count(i, o, r, sparsity=args.sparsity),
+        "sltrain-csr": lambda o, i: SLTrain.trainable_count(i, o, r, sparsity=args.sparsity),
         "lost": lambda o, i: LOST.trainable_count(i, o, r, sparsity=args.lost_sparsity),
         "cola": lambda o, i: CoLA.trainable_count(i, o, r),
     }
@@ -140,8 +147,8 @@ def prepare(method, args):
         return model, galore(model, lr=1e-3, rank=args.rank, update_gap=10_000), []
     opts = {"rank": args.rank}
     kernel = None
-    if method == "sltrain-dense":
-        method, kernel = "sltrain", "dense"
+    if method in ("sltrain-dense", "sltrain-csr"):
+        method, kernel = "sltrain", method.split("-")[1]
     if method == "sltrain":
         opts["sparsity"] = args.sparsity
     if method == "lost":
@@ -252,7 +259,7 @@ def main():
         trel = f"{med[m] / med['full']:7.2f}" if "full" in med else "      -"
         pk = f"{peaks[m][0]:9.1f} {peaks[m][1]:9.1f}" if m in peaks else f"{'-':>9} {'-':>9}"
         print(f"{m:<13} {w*mb:8.2f} {gr*mb:8.2f} {st*mb:8.2f} {(w+gr+st)*mb:9.2f} {ftot} {rel} {med[m]:8.4f} {trel} {pk}")
-    for m in ("sltrain", "sltrain-dense"):
+    for m in ("sltrain", "sltrain-csr", "sltrain-dense"):
         if m in med and "lowrank" in med:
             print(f"{m} step / lowrank step = {med[m] / med['lowrank']:.2f} (target <= 1.3)")
     return 0
