@@ -116,6 +116,41 @@ class SparsePattern:
             )
 
 
+def _low_rank_grads(dys, x_rows, params, hs, scalings, need_params):
+    """The low-rank half of both kernels' backward, for n layers on one x.
+
+    dys: each layer's output gradient (T, out_i) or None; x_rows: x as (T, in) (any strides);
+    hs: the saved s_i h_i (T, r); need_params: needs_input_grad of (A_i, B_i, v_i), flattened.
+    g_i = s_i dy_i B_i of every live layer side by side in one (T, Σr) tensor: one GEMM then
+    gives all the A-gradients (gᵀ x) and one the low-rank part of dx (Σ_i g_i A_i, through
+    ``a_cat``).  Returns (live layers, contiguous dys, g, a_cat, grads with dA_i and dB_i set).
+    """
+    live = [i for i, dy in enumerate(dys) if dy is not None]  # outputs that got a gradient
+    grads: list[torch.Tensor | None] = [None] * len(need_params)
+    if not live:
+        return live, {}, None, None, grads
+    ranks = [params[3 * i].shape[0] for i in live]
+    g = x_rows.new_empty(x_rows.shape[0], sum(ranks))  # (T, Σr)
+    dys_c: dict[int, torch.Tensor] = {}
+    col = 0
+    for i, r in zip(live, ranks):
+        B = params[3 * i + 1]
+        dy = dys_c[i] = dys[i].contiguous()  # (T, out)
+        torch.addmm(g[:, col: col + r], dy, B, beta=0, alpha=scalings[i], out=g[:, col: col + r])  # (T, r)
+        col += r
+        if need_params[3 * i + 1]:
+            grads[3 * i + 1] = torch.mm(dy.t(), hs[i])  # (out, r)  dyᵀ (s h)
+    if any(need_params[3 * i] for i in live):
+        gA = torch.mm(g.t(), x_rows)  # (Σr, in)  gᵀ x, each layer's rows contiguous
+        row = 0
+        for i, r in zip(live, ranks):
+            if need_params[3 * i]:
+                grads[3 * i] = gA[row: row + r]
+            row += r
+    a_cat = torch.cat([params[3 * i] for i in live]) if len(live) > 1 else params[3 * live[0]]  # (Σr, in)
+    return live, dys_c, g, a_cat, grads
+
+
 class _LowRankPlusSparse(torch.autograd.Function):
     """y_i = s_i · B_i A_i x + S_i x for n layers on one x (T, in): q/k/v or gate/up as one node
     (n = 1 for a layer alone); gradients for x, A_i, B_i and the values in their own layouts.
@@ -132,8 +167,9 @@ class _LowRankPlusSparse(torch.autograd.Function):
         for i, (pattern, s) in enumerate(zip(patterns, scalings)):
             A, B, values = params[3 * i: 3 * i + 3]
             h = torch.mm(x, A.t())  # (T, r)
-            zt = _workspace("out", pattern.shape[0], n_tok, x)
-            torch.addmm(zt, B, h.t(), beta=0, alpha=s, out=zt)  # (out, T)  s B hᵀ
+            if s != 1.0:
+                h.mul_(s)  # s h: the scaling on the narrow side
+            zt = torch.mm(B, h.t(), out=_workspace("out", pattern.shape[0], n_tok, x))  # (out, T)  s B hᵀ
             zt.addmm_(pattern.matrix(values.detach()), xt)  # (out, T)  + S xᵀ
             ys.append(zt.t().contiguous())  # (T, out)
             hs.append(h)
@@ -148,39 +184,15 @@ class _LowRankPlusSparse(torch.autograd.Function):
         n = len(patterns)
         params, hs = rest[: 3 * n], rest[3 * n:]
         need = ctx.needs_input_grad  # x, xt, patterns, scalings, then A_i, B_i, v_i
-        live = [i for i, dy in enumerate(dys) if dy is not None]  # outputs that got a gradient
-        if not live:
-            return (None,) * (4 + 3 * n)
-        ranks = [params[3 * i].shape[0] for i in live]
+        live, dys_c, g, a_cat, grads = _low_rank_grads(dys, xt.t(), params, hs, scalings, need[4:])
         n_in, n_tok = xt.shape
-        grads: list[torch.Tensor | None] = [None] * (3 * n)
-        # g_i = s_i dy_i B_i of every live layer side by side: one GEMM then gives all the
-        # A-gradients (gᵀ x) and one the low-rank part of dx (Σ_i A_iᵀ g_iᵀ)
-        g = xt.new_empty(n_tok, sum(ranks))  # (T, Σr)
-        dy_of: dict[int, torch.Tensor] = {}
-        col = 0
-        for i, r in zip(live, ranks):
-            B, s, h = params[3 * i + 1], scalings[i], hs[i]
-            dy = dy_of[i] = dys[i].contiguous()  # (T, out)
-            torch.addmm(g[:, col: col + r], dy, B, beta=0, alpha=s, out=g[:, col: col + r])  # (T, r)
-            col += r
-            if need[5 + 3 * i]:
-                grads[3 * i + 1] = torch.addmm(B, dy.t(), h, beta=0, alpha=s)  # (out, r)  s dyᵀ h
-        if any(need[4 + 3 * i] for i in live):
-            gA = torch.mm(g.t(), xt.t())  # (Σr, in)  gᵀ x, each layer's rows contiguous
-            row = 0
-            for i, r in zip(live, ranks):
-                if need[4 + 3 * i]:
-                    grads[3 * i] = gA[row: row + r]
-                row += r
         gxt = None
-        if need[0]:
-            a_cat = torch.cat([params[3 * i] for i in live]) if len(live) > 1 else params[3 * live[0]]  # (Σr, in)
+        if need[0] and live:
             gxt = torch.mm(a_cat.t(), g.t(), out=_workspace("in", n_in, n_tok, xt))  # (in, T)  Σ_i A_iᵀ g_iᵀ
         for i in live:
             if not (need[0] or need[6 + 3 * i]):
                 continue
-            pattern, values, dy = patterns[i], params[3 * i + 2].detach(), dy_of[i]
+            pattern, values, dy = patterns[i], params[3 * i + 2].detach(), dys_c[i]
             dyt = _workspace("out", dy.shape[1], n_tok, dy).copy_(dy.t())  # (out, T)  the one transposed copy of dy
             if need[6 + 3 * i]:  # dS on the support: rows of dyᵀ against rows of xᵀ
                 grads[3 * i + 2] = torch.sparse.sampled_addmm(pattern.matrix(values), dyt, xt.t(), beta=0.0).values()
@@ -219,32 +231,8 @@ class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
         n = len(patterns)
         params, hs = rest[: 3 * n], rest[3 * n:]
         need = ctx.needs_input_grad  # x, patterns, scalings, then A_i, B_i, v_i
-        live = [i for i, dy in enumerate(dys) if dy is not None]
-        if not live:
-            return (None,) * (3 + 3 * n)
-        ranks = [params[3 * i].shape[0] for i in live]
-        grads: list[torch.Tensor | None] = [None] * (3 * n)
-        g = x.new_empty(x.shape[0], sum(ranks))  # (T, Σr)  s_i dy_i B_i side by side
-        dys_c: dict[int, torch.Tensor] = {}
-        col = 0
-        for i, r in zip(live, ranks):
-            B, s = params[3 * i + 1], scalings[i]
-            dy = dys_c[i] = dys[i].contiguous()  # (T, out)
-            torch.addmm(g[:, col: col + r], dy, B, beta=0, alpha=s, out=g[:, col: col + r])  # (T, r)
-            col += r
-            if need[4 + 3 * i]:
-                grads[3 * i + 1] = torch.mm(dy.t(), hs[i])  # (out, r)  dyᵀ (s h)
-        if any(need[3 + 3 * i] for i in live):
-            gA = torch.mm(g.t(), x)  # (Σr, in)  gᵀ x, each layer's rows contiguous
-            row = 0
-            for i, r in zip(live, ranks):
-                if need[3 + 3 * i]:
-                    grads[3 * i] = gA[row: row + r]
-                row += r
-        gx = None
-        if need[0]:
-            a_cat = torch.cat([params[3 * i] for i in live]) if len(live) > 1 else params[3 * live[0]]  # (Σr, in)
-            gx = torch.mm(g, a_cat)  # (T, in)  Σ_i g_i A_i
+        live, dys_c, g, a_cat, grads = _low_rank_grads(dys, x, params, hs, scalings, need[3:])
+        gx = torch.mm(g, a_cat) if need[0] and live else None  # (T, in)  Σ_i g_i A_i
         xn = x.detach().numpy()
         for i in live:
             need_v = need[5 + 3 * i]
