@@ -116,6 +116,13 @@ class SparsePattern:
             )
 
 
+def _saved(ctx):
+    """What both kernels save: (x or xᵀ, [A_i, B_i, v_i, ...], [s_i h_i, ...], patterns, scalings)."""
+    first, *rest = ctx.saved_tensors
+    n = len(ctx.patterns)
+    return first, rest[: 3 * n], rest[3 * n:], ctx.patterns, ctx.scalings
+
+
 def _low_rank_grads(dys, x_rows, params, hs, scalings, need_params):
     """The low-rank half of both kernels' backward, for n layers on one x.
 
@@ -179,10 +186,7 @@ class _LowRankPlusSparse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
-        xt, *rest = ctx.saved_tensors
-        patterns, scalings = ctx.patterns, ctx.scalings
-        n = len(patterns)
-        params, hs = rest[: 3 * n], rest[3 * n:]
+        xt, params, hs, patterns, scalings = _saved(ctx)
         need = ctx.needs_input_grad  # x, xt, patterns, scalings, then A_i, B_i, v_i
         live, dys_c, g, a_cat, grads = _low_rank_grads(dys, xt.t(), params, hs, scalings, need[4:])
         n_in, n_tok = xt.shape
@@ -226,10 +230,7 @@ class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
-        x, *rest = ctx.saved_tensors
-        patterns, scalings = ctx.patterns, ctx.scalings
-        n = len(patterns)
-        params, hs = rest[: 3 * n], rest[3 * n:]
+        x, params, hs, patterns, scalings = _saved(ctx)
         need = ctx.needs_input_grad  # x, patterns, scalings, then A_i, B_i, v_i
         live, dys_c, g, a_cat, grads = _low_rank_grads(dys, x, params, hs, scalings, need[3:])
         gx = torch.mm(g, a_cat) if need[0] and live else None  # (T, in)  Σ_i g_i A_i
