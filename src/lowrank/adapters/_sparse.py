@@ -116,6 +116,17 @@ class SparsePattern:
             )
 
 
+def _scaled_h(x: torch.Tensor, A: torch.Tensor, s: float) -> torch.Tensor:
+    """s · x Aᵀ (T, r): the scaling applied on the narrow side, once; saved for dB = dyᵀ (s h)."""
+    h = torch.mm(x, A.t())
+    return h.mul_(s) if s != 1.0 else h
+
+
+def _save(ctx, first, params, hs, patterns, scalings) -> None:
+    ctx.patterns, ctx.scalings = patterns, scalings
+    ctx.save_for_backward(first, *params, *hs)
+
+
 def _saved(ctx):
     """What both kernels save: (x or xᵀ, [A_i, B_i, v_i, ...], [s_i h_i, ...], patterns, scalings)."""
     first, *rest = ctx.saved_tensors
@@ -173,15 +184,12 @@ class _LowRankPlusSparse(torch.autograd.Function):
         ys, hs = [], []
         for i, (pattern, s) in enumerate(zip(patterns, scalings)):
             A, B, values = params[3 * i: 3 * i + 3]
-            h = torch.mm(x, A.t())  # (T, r)
-            if s != 1.0:
-                h.mul_(s)  # s h: the scaling on the narrow side
+            h = _scaled_h(x, A, s)  # (T, r)
             zt = torch.mm(B, h.t(), out=_workspace("out", pattern.shape[0], n_tok, x))  # (out, T)  s B hᵀ
             zt.addmm_(pattern.matrix(values.detach()), xt)  # (out, T)  + S xᵀ
             ys.append(zt.t().contiguous())  # (T, out)
             hs.append(h)
-        ctx.patterns, ctx.scalings = patterns, scalings
-        ctx.save_for_backward(xt, *params, *hs)
+        _save(ctx, xt, params, hs, patterns, scalings)
         return tuple(ys)
 
     @staticmethod
@@ -217,15 +225,12 @@ class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
         ys, hs = [], []
         for i, (pattern, s) in enumerate(zip(patterns, scalings)):
             A, B, values = params[3 * i: 3 * i + 3]
-            h = torch.mm(x, A.t())  # (T, r)
-            if s != 1.0:
-                h.mul_(s)  # s h: the scaling on the narrow side
+            h = _scaled_h(x, A, s)  # (T, r)
             y = torch.mm(h, B.t())  # (T, out)  s B A x
             _cpu().add_x_st(xn, pattern.crow_np, pattern.col_np, values.detach().numpy(), y.numpy())  # + x Sᵀ
             ys.append(y)
             hs.append(h)
-        ctx.patterns, ctx.scalings = patterns, scalings
-        ctx.save_for_backward(x, *params, *hs)
+        _save(ctx, x, params, hs, patterns, scalings)
         return tuple(ys)
 
     @staticmethod
