@@ -98,6 +98,7 @@ class SparsePattern:
         self.crow_t[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
         self.crow_t = self.crow_t.to(itype)
         self.col_t = rows[self.perm].to(itype)
+        self._stack = None  # (patterns, stacked pattern) of the last group this pattern led
         if dev.type == "cpu":  # numpy views for the token-major CPU kernels
             self.crow_np, self.col_np = self.crow.numpy(), self.col.numpy()
             self.crow_t_np, self.col_t_np = self.crow_t.numpy(), self.col_t.numpy()
@@ -217,19 +218,21 @@ class _LowRankPlusSparse(torch.autograd.Function):
 class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
     """The same n-layer function on the CPU with the token-major kernels of ``_sparse_cpu``:
     no transposed copy of any activation, no scratch; saves x and s_i h_i, like a two-factor
-    layer.  Dense products are torch GEMMs written straight in the (T, features) layout."""
+    layer.  Dense products are torch GEMMs written straight in the (T, features) layout; the
+    sparse parts of all n layers run as one kernel call on their stacked S (one x tile
+    transposed per tile, the group's input gradient summed inside the tile)."""
 
     @staticmethod
     def forward(ctx, x, patterns: tuple, scalings: tuple, *params):  # params: A_i (r, in), B_i (out, r), v_i (nnz,)
-        xn = x.detach().numpy()
         ys, hs = [], []
-        for i, (pattern, s) in enumerate(zip(patterns, scalings)):
-            A, B, values = params[3 * i: 3 * i + 3]
+        for i, s in enumerate(scalings):
+            A, B = params[3 * i: 3 * i + 2]
             h = _scaled_h(x, A, s)  # (T, r)
-            y = torch.mm(h, B.t())  # (T, out)  s B A x
-            _cpu().add_x_st(xn, pattern.crow_np, pattern.col_np, values.detach().numpy(), y.numpy())  # + x Sᵀ
-            ys.append(y)
+            ys.append(torch.mm(h, B.t()))  # (T, out_i)  s B A x
             hs.append(h)
+        stack = stacked(patterns)
+        values = _stacked_values(params, len(patterns))
+        _cpu().add_x_st(x.detach().numpy(), stack.crow_np, stack.col_np, values.numpy(), [y.numpy() for y in ys])  # + x S_iᵀ
         _save(ctx, x, params, hs, patterns, scalings)
         return tuple(ys)
 
@@ -239,18 +242,47 @@ class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
         need = ctx.needs_input_grad  # x, patterns, scalings, then A_i, B_i, v_i
         live, dys_c, g, a_cat, grads = _low_rank_grads(dys, x, params, hs, scalings, need[3:])
         gx = torch.mm(g, a_cat) if need[0] and live else None  # (T, in)  Σ_i g_i A_i
-        xn = x.detach().numpy()
-        for i in live:
-            need_v = need[5 + 3 * i]
-            if gx is None and not need_v:
-                continue
-            pattern, values = patterns[i], params[3 * i + 2].detach()
-            vt = torch.index_select(values, 0, pattern.perm)  # Sᵀ's value order
-            gv = _cpu().add_dy_s(dys_c[i].numpy(), xn, pattern.crow_t_np, pattern.col_t_np, vt.numpy(),
-                               pattern.crow_np, pattern.col_np, None if gx is None else gx.numpy(), need_v)  # gx += dy S
-            if need_v:
-                grads[3 * i + 2] = torch.from_numpy(gv)  # (nnz,)  dyᵀ x at the support
+        need_v = [need[5 + 3 * i] and i in dys_c for i in range(len(patterns))]
+        if gx is None and not any(need_v):
+            return (gx, None, None, *grads)
+        stack = stacked(patterns)
+        vt = torch.index_select(_stacked_values(params, len(patterns)), 0, stack.perm)  # Sᵀ's value order
+        gv = _cpu().add_dy_s(
+            [dys_c[i].numpy() if i in dys_c else None for i in range(len(patterns))], [p.shape[0] for p in patterns],
+            x.detach().numpy(), stack.crow_t_np, stack.col_t_np, vt.numpy(), stack.crow_np, stack.col_np,
+            None if gx is None else gx.numpy(), any(need_v),
+        )  # gx += Σ_i dy_i S_i;  gv: dyᵀ x at the stacked support
+        if gv is not None:
+            gv = torch.from_numpy(gv)
+            parts = gv.split([p.flat.numel() for p in patterns]) if len(patterns) > 1 else (gv,)
+            for i, part in enumerate(parts):
+                if need_v[i]:
+                    grads[3 * i + 2] = part.clone() if len(patterns) > 1 else part  # (nnz_i,)
         return (gx, None, None, *grads)
+
+
+def stacked(patterns: tuple[SparsePattern, ...]) -> SparsePattern:
+    """The patterns of layers that read one x, stacked as the rows of one (Σ out_i, in) pattern
+    (built once: kept on the first pattern, for the last group it led)."""
+    first = patterns[0]
+    if len(patterns) == 1:
+        return first
+    hit = first._stack
+    if hit is not None and len(hit[0]) == len(patterns) and all(a is b for a, b in zip(hit[0], patterns)):
+        return hit[1]
+    n_in, flats, row = first.shape[1], [], 0
+    for p in patterns:
+        flats.append(p.flat + row * n_in)  # row-major flat positions shift by whole rows
+        row += p.shape[0]
+    stack = SparsePattern(torch.cat(flats), row, n_in)
+    first._stack = (patterns, stack)
+    return stack
+
+
+def _stacked_values(params, n: int) -> torch.Tensor:
+    """The value vectors of n layers in the stacked pattern's order (data only)."""
+    values = [params[3 * i + 2].detach() for i in range(n)]
+    return torch.cat(values) if n > 1 else values[0]
 
 
 class _Transposed(threading.local):
