@@ -94,6 +94,7 @@ class SparsePattern:
         self.col = cols.to(itype)
         # Sᵀ: the entries in column-major order; `perm` maps Sᵀ's value order to S's
         self.perm = torch.argsort(cols * out_features + rows)
+        self.perm_inv = torch.argsort(self.perm)  # S's value order from Sᵀ's
         self.crow_t = torch.zeros(in_features + 1, dtype=torch.int64, device=dev)
         self.crow_t[1:] = torch.bincount(cols, minlength=in_features).cumsum(0)
         self.crow_t = self.crow_t.to(itype)
@@ -248,12 +249,12 @@ class _LowRankPlusSparseTokenMajor(torch.autograd.Function):
         stack = stacked(patterns)
         vt = torch.index_select(_stacked_values(params, len(patterns)), 0, stack.perm)  # Sᵀ's value order
         gv = _cpu().add_dy_s(
-            [dys_c[i].numpy() if i in dys_c else None for i in range(len(patterns))], [p.shape[0] for p in patterns],
-            x.detach().numpy(), stack.crow_t_np, stack.col_t_np, vt.numpy(), stack.crow_np, stack.col_np,
-            None if gx is None else gx.numpy(), any(need_v),
-        )  # gx += Σ_i dy_i S_i;  gv: dyᵀ x at the stacked support
+            [(dys_c[i].numpy() if i in dys_c else None, p.shape[0]) for i, p in enumerate(patterns)],
+            x.detach().numpy(), stack.crow_t_np, stack.col_t_np, vt.numpy(), None if gx is None else gx.numpy(),
+            any(need_v),
+        )  # gx += Σ_i dy_i S_i;  gv: dyᵀ x at the stacked support, in Sᵀ's order
         if gv is not None:
-            gv = torch.from_numpy(gv)
+            gv = torch.index_select(torch.from_numpy(gv), 0, stack.perm_inv)  # S's order
             parts = gv.split([p.flat.numel() for p in patterns]) if len(patterns) > 1 else (gv,)
             for i, part in enumerate(parts):
                 if need_v[i]:

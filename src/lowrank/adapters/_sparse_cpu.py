@@ -16,7 +16,10 @@ gradient dy_i) is a separate (T, out_i) tensor, passed as its address.
 
     add_x_st(x, crow, col, val, ys)              y_i (T, out_i) += x S_iᵀ      stacked S as CSR
     add_dy_s(dys, x, crow_t, col_t, val_t,        dx (T, in) += Σ_i dy_i S_i   stacked Sᵀ as CSR
-             crow, col, dx, want_gv)             gv[k] = Σ_t dy[t, i_k] x[t, j_k]   (S's order)
+             dx, want_gv)                        gv[k] = Σ_t dy[t, i_k] x[t, j_k]   (Sᵀ's order)
+
+The backward reads each row of dy_itᵀ once for both of its products: the input gradient's
+row sum and the value gradient's dot product with the x tile's row.
 
 Compiled on first use and cached on disk (``cache=True``).  ``_sparse`` imports this module only
 when it runs a kernel (numba loads LLVM) and uses torch's kernels on feature-major copies when
@@ -116,72 +119,67 @@ def _row_pointer(context, builder, ty, value, row, vec):
     return builder.bitcast(p, vec.as_pointer())
 
 
+def _splat(builder, value, vec):
+    """value in every lane of vec."""
+    one = builder.insert_element(ir.Constant(vec, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(ir.VectorType(ir.IntType(32), vec.count), [0] * vec.count))
+
+
+def _sum_lanes(builder, v):
+    """Σ of v's lanes, adding the upper half onto the lower half until one lane is left."""
+    width = v.type.count
+    while width > 1:
+        width //= 2
+        lanes = ir.VectorType(ir.IntType(32), width)
+        v = builder.fadd(
+            builder.shuffle_vector(v, v, ir.Constant(lanes, list(range(width)))),
+            builder.shuffle_vector(v, v, ir.Constant(lanes, list(range(width, 2 * width)))),
+        )
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+def _row_tile_codegen(context, builder, sig, args):
+    """dst[i, :TILE] = Σ_k val_k · src[col_k, :TILE] over row i of a CSR matrix, the whole tile row
+    accumulating in registers; with (other, out, b) also out[b, k] = src[col_k, :TILE] · other[i, :TILE]
+    for each of those k, from the same load of src's row."""
+    crow_ty, col_ty, val_ty, src_ty, dst_ty = sig.args[:5]
+    crow, col, val, src, dst, i = args[:6]
+    elt = context.get_data_type(src_ty.dtype)
+    vec = ir.VectorType(elt, TILE)
+    align = context.get_abi_sizeof(elt)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{TILE}f{8 * align}")
+    sampled = len(args) > 6
+    if sampled:
+        other_ty, out_ty = sig.args[6], sig.args[7]
+        other, out, b = args[6:]
+        other_row = builder.load(_row_pointer(context, builder, other_ty, other, i, vec), align=align)
+        o, o_shape, o_strides = _array_parts(context, builder, out_ty, out)
+    v_ary, v_shape, v_strides = _array_parts(context, builder, val_ty, val)
+    acc = cgutils.alloca_once_value(builder, ir.Constant(vec, None))  # zeros; promoted to registers
+    start = _load_index(context, builder, crow_ty, crow, i)
+    stop = _load_index(context, builder, crow_ty, crow, builder.add(i, ir.Constant(i.type, 1)))
+    with cgutils.for_range_slice(builder, start, stop, ir.Constant(i.type, 1), intp=i.type) as (k, _):
+        j = _load_index(context, builder, col_ty, col, k)
+        v = builder.load(cgutils.get_item_pointer2(context, builder, v_ary.data, v_shape, v_strides, val_ty.layout, [k]))
+        row = builder.load(_row_pointer(context, builder, src_ty, src, j, vec), align=align)
+        builder.store(builder.call(fma, [_splat(builder, v, vec), row, builder.load(acc)]), acc)
+        if sampled:
+            dot = _sum_lanes(builder, builder.fmul(row, other_row))
+            builder.store(dot, cgutils.get_item_pointer2(context, builder, o.data, o_shape, o_strides, out_ty.layout, [b, k]))
+    builder.store(builder.load(acc), _row_pointer(context, builder, dst_ty, dst, i, vec), align=align)
+    return context.get_dummy_value()
+
+
 @intrinsic
 def _csr_row_tile(typingctx, crow, col, val, src, dst, i):
-    """dst[i, :TILE] = Σ_k val_k · src[col_k, :TILE] over row i of a CSR matrix: the whole tile
-    row accumulates in registers (one vector load and FMA per TILE column block and non-zero)."""
-
-    def codegen(context, builder, sig, args):
-        crow_ty, col_ty, val_ty, src_ty, dst_ty, _ = sig.args
-        crow_v, col_v, val_v, src_v, dst_v, i_v = args
-        elt = context.get_data_type(src_ty.dtype)
-        vec = ir.VectorType(elt, TILE)
-        align = context.get_abi_sizeof(elt)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{TILE}f{8 * align}"
-        )
-        acc = cgutils.alloca_once_value(builder, ir.Constant(vec, None))  # zeros; promoted to registers
-        start = _load_index(context, builder, crow_ty, crow_v, i_v)
-        stop = _load_index(context, builder, crow_ty, crow_v, builder.add(i_v, ir.Constant(i_v.type, 1)))
-        with cgutils.for_range_slice(builder, start, stop, ir.Constant(i_v.type, 1), intp=i_v.type) as (k, _):
-            j = _load_index(context, builder, col_ty, col_v, k)
-            a, shape, strides = _array_parts(context, builder, val_ty, val_v)
-            v = builder.load(cgutils.get_item_pointer2(context, builder, a.data, shape, strides, val_ty.layout, [k]))
-            v = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(vec, None), v, ir.Constant(ir.IntType(32), 0)),
-                ir.Constant(vec, None), ir.Constant(ir.VectorType(ir.IntType(32), TILE), [0] * TILE),
-            )  # val_k in every lane
-            row = builder.load(_row_pointer(context, builder, src_ty, src_v, j, vec), align=align)
-            builder.store(builder.call(fma, [v, row, builder.load(acc)]), acc)
-        builder.store(builder.load(acc), _row_pointer(context, builder, dst_ty, dst_v, i_v, vec), align=align)
-        return context.get_dummy_value()
-
-    return types.void(crow, col, val, src, dst, i), codegen
+    """dst[i, :TILE] = Σ_k val_k · src[col_k, :TILE] over row i of a CSR matrix (in registers)."""
+    return types.void(crow, col, val, src, dst, i), _row_tile_codegen
 
 
 @intrinsic
-def _sampled_row_tile(typingctx, crow, col, left, right, out, b, i):
-    """out[b, k] = left[i, :TILE] · right[col_k, :TILE] for every k in row i of a CSR pattern
-    (left's row stays in registers; each dot product is one pass and a halving reduction)."""
-
-    def codegen(context, builder, sig, args):
-        crow_ty, col_ty, left_ty, right_ty, out_ty, _, _ = sig.args
-        crow_v, col_v, left_v, right_v, out_v, b_v, i_v = args
-        elt = context.get_data_type(left_ty.dtype)
-        vec = ir.VectorType(elt, TILE)
-        align = context.get_abi_sizeof(elt)
-        lrow = builder.load(_row_pointer(context, builder, left_ty, left_v, i_v, vec), align=align)
-        start = _load_index(context, builder, crow_ty, crow_v, i_v)
-        stop = _load_index(context, builder, crow_ty, crow_v, builder.add(i_v, ir.Constant(i_v.type, 1)))
-        o, o_shape, o_strides = _array_parts(context, builder, out_ty, out_v)
-        with cgutils.for_range_slice(builder, start, stop, ir.Constant(i_v.type, 1), intp=i_v.type) as (k, _):
-            j = _load_index(context, builder, col_ty, col_v, k)
-            prod = builder.fmul(lrow, builder.load(_row_pointer(context, builder, right_ty, right_v, j, vec), align=align))
-            width = TILE
-            while width > 1:  # add the upper half onto the lower half
-                width //= 2
-                half = ir.VectorType(elt, width)
-                lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(width))))
-                hi = builder.shuffle_vector(
-                    prod, prod, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(width, 2 * width)))
-                )
-                prod = builder.fadd(lo, hi)
-                assert prod.type == half
-            total = builder.extract_element(prod, ir.Constant(ir.IntType(32), 0))
-            builder.store(total, cgutils.get_item_pointer2(context, builder, o.data, o_shape, o_strides, out_ty.layout, [b_v, k]))
-        return context.get_dummy_value()
-
-    return types.void(crow, col, left, right, out, b, i), codegen
+def _csr_row_tile_sampled(typingctx, crow, col, val, src, dst, i, other, out, b):
+    """The same, and out[b, k] = src[col_k, :TILE] · other[i, :TILE] for each k of row i."""
+    return types.void(crow, col, val, src, dst, i, other, out, b), _row_tile_codegen
 
 
 @numba.njit(fastmath=_FAST, cache=True, inline="always")
@@ -233,18 +231,22 @@ def _rows(crow, col, val, src, acc, nt):  # pragma: no cover - compiled
 
 
 @numba.njit(fastmath=_FAST, cache=True, inline="always")
-def _sampled(crow, col, left, right, nt, out, b):  # pragma: no cover - compiled
-    """out[b, k] = left[i, :nt] · right[col_k, :nt] for every entry k (row i) of a CSR pattern."""
+def _rows_sampled(crow, col, val, src, acc, other, out, b, nt):  # pragma: no cover - compiled
+    """_rows, and out[b, k] = src[col_k, :nt] · other[i, :nt] for every entry k (row i)."""
     if nt == TILE:
         for i in range(crow.shape[0] - 1):
-            _sampled_row_tile(crow, col, left, right, out, b, i)
+            _csr_row_tile_sampled(crow, col, val, src, acc, i, other, out, b)
         return
+    acc[:, :nt] = 0.0  # the last, partial tile: plain loops
     for i in range(crow.shape[0] - 1):
         for k in range(crow[i], crow[i + 1]):
+            v = val[k]
             j = col[k]
-            s = left[i, 0] * right[j, 0]  # (in the arrays' dtype)
+            s = src[j, 0] * other[i, 0]  # (in the arrays' dtype)
+            acc[i, 0] += v * src[j, 0]
             for a in range(1, nt):
-                s += left[i, a] * right[j, a]
+                acc[i, a] += v * src[j, a]
+                s += src[j, a] * other[i, a]
             out[b, k] = s
 
 
@@ -267,9 +269,9 @@ def _add_x_st(x, crow, col, val, y_at, y_width):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, fastmath=_FAST, cache=True)
-def _add_dy_s(dy_at, dy_width, x, crow_t, col_t, val_t, crow, col, dx, gv_tiles):  # pragma: no cover - compiled
+def _add_dy_s(dy_at, dy_width, x, crow_t, col_t, val_t, dx, gv_tiles):  # pragma: no cover - compiled
     n_tok, n_in = x.shape
-    n_out = crow.shape[0] - 1  # Σ out_i
+    n_out = dy_width.sum()  # Σ out_i
     for b in numba.prange((n_tok + TILE - 1) // TILE):
         t0 = b * TILE
         nt = min(n_tok, t0 + TILE) - t0
@@ -282,14 +284,15 @@ def _add_dy_s(dy_at, dy_width, x, crow_t, col_t, val_t, crow, col, dx, gv_tiles)
                 dy = numba.carray(_pointer(dy_at[i], x[0, 0]), (n_tok, dy_width[i]))
                 _tile_t(dy, t0, nt, dyt, r0)
             r0 += dy_width[i]
-        if dx.shape[0] > 0:
-            acc = np.empty((n_in, TILE), x.dtype)
-            _rows(crow_t, col_t, val_t, dyt, acc, nt)  # Σ_i S_iᵀ dy_itᵀ on the tile
-            _tile_add_t(acc, 0, nt, dx, t0)
-        if gv_tiles.shape[0] > 0:  # this tile's share of dyᵀ x at the support
+        acc = np.empty((n_in, TILE), x.dtype)
+        if gv_tiles.shape[0] > 0:  # Σ_i S_iᵀ dy_itᵀ, and this tile's share of dyᵀ x at the support
             xt = np.empty((n_in, TILE), x.dtype)
             _tile_t(x, t0, nt, xt, 0)
-            _sampled(crow, col, dyt, xt, nt, gv_tiles, b)
+            _rows_sampled(crow_t, col_t, val_t, dyt, acc, xt, gv_tiles, b, nt)
+        else:
+            _rows(crow_t, col_t, val_t, dyt, acc, nt)  # Σ_i S_iᵀ dy_itᵀ on the tile
+        if dx.shape[0] > 0:
+            _tile_add_t(acc, 0, nt, dx, t0)
 
 
 def _addresses(arrays) -> np.ndarray:
@@ -306,14 +309,16 @@ def add_x_st(x, crow, col, val, ys) -> None:
     _add_x_st(x, crow, col, val, _addresses(ys), width)
 
 
-def add_dy_s(dys, widths, x, crow_t, col_t, val_t, crow, col, dx, want_gv: bool):
+def add_dy_s(dys, x, crow_t, col_t, val_t, dx, want_gv: bool):
     """dx += Σ_i dy_i S_i in place (skipped when dx is None) and, if asked, the value gradient of
-    the stacked S (nnz,).  dys: C-contiguous (T, out_i) arrays, None for an output without one."""
+    the stacked S in Sᵀ's order (nnz,).  dys: C-contiguous (T, out_i) arrays, or (None, out_i)
+    for an output without a gradient."""
     n_tiles = (x.shape[0] + TILE - 1) // TILE
-    gv_tiles = np.zeros((n_tiles if want_gv else 0, col.shape[0]), x.dtype)
+    gv_tiles = np.zeros((n_tiles if want_gv else 0, col_t.shape[0]), x.dtype)
     if x.shape[0] > 0:
         dx_arr = dx if dx is not None else np.zeros((0, x.shape[1]), x.dtype)
-        _add_dy_s(_addresses(dys), np.asarray(widths, dtype=np.int64), x, crow_t, col_t, val_t, crow, col, dx_arr, gv_tiles)
+        width = np.array([w for _, w in dys], dtype=np.int64)
+        _add_dy_s(_addresses([a for a, _ in dys]), width, x, crow_t, col_t, val_t, dx_arr, gv_tiles)
     return gv_tiles.sum(axis=0) if want_gv else None
 
 
