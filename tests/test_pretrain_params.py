@@ -160,6 +160,30 @@ def test_sltrain_layer_group_matches_dense_reference(token_major, dtype):
             torch.testing.assert_close(g, w, **tol)
 
 
+def test_token_major_kernels_give_the_same_bits_on_any_thread_count():
+    """Each tile owns its outputs and the value gradient's partial sums are reduced in a fixed
+    order, so one thread and two give identical results (300 tokens: two whole tiles, one partial)."""
+    torch.manual_seed(2)
+    n_in, r = 40, 4
+    pats = [SparsePattern(torch.randperm(o * n_in)[:k].sort().values, o, n_in) for o, k in [(48, 150), (16, 60)]]
+    x = torch.randn(300, n_in, requires_grad=True)
+    params = [[torch.randn(*shape, requires_grad=True) for shape in [(r, n_in), (p.shape[0], r), (p.flat.numel(),)]]
+              for p in pats]
+    layers = [(A, B, 0.5, v, p) for (A, B, v), p in zip(params, pats)]
+    leaves = [x] + [t for group in params for t in group]
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ys = lowrank_plus_sparse_shared(x, layers)
+            grads = torch.autograd.grad(sum((y * y).sum() for y in ys), leaves)
+            results.append([*ys, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_sltrain_layer_group_runs_as_one_node_in_a_model():
     """In a Llama, q/k/v and gate/up share one autograd node each (learnt from the call order),
     with the same outputs as the layers computed alone and gradients equal up to rounding."""
