@@ -31,7 +31,7 @@ def _step(model, opt, seed):
     opt.zero_grad()
 
 
-@pytest.mark.parametrize("mode", ["reset", "prune"])
+@pytest.mark.parametrize("mode", ["reset", "prune", "prune-joint"])
 def test_restart_merges_the_effective_weight_and_handles_state(mode):
     model, opt = _setup()
     sched = ReLoRA(every=3, optimizer_reset=mode, prune_ratio=0.9, manage_lr=False)
@@ -62,6 +62,8 @@ def test_restart_merges_the_effective_weight_and_handles_state(mode):
                     assert nonzero == 0
                 else:
                     assert 0 < nonzero <= 0.1 + 1e-6, (key, nonzero)
+            if mode == "prune-joint":  # one mask: a first moment survives exactly where the second does
+                assert torch.equal(st["exp_avg"] != 0, st["exp_avg_sq"] != 0)
     # the rest of the model keeps its optimizer state untouched
     emb = model.get_input_embeddings().weight
     assert not emb.requires_grad or emb not in opt.state or opt.state[emb]["exp_avg"].abs().sum() > 0

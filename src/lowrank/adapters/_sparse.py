@@ -20,7 +20,8 @@ Layout is what decides the speed on a CPU: activations are token-major, (T, feat
 
 * Token-major kernels (``_LowRankPlusSparseTokenMajor``, the default on the CPU): numba kernels
   (``_sparse_cpu.py``) add x Sᵀ and dy S straight into the (T, features) GEMM outputs and compute
-  the value gradient, each transposing only a tile of tokens inside the cache.
+  the value gradient, each transposing only a tile of tokens inside the cache.  A layer group
+  runs as one kernel call on its stacked S = [S_1; ...; S_n] (:func:`stacked`).
 * torch's CSR kernels (``_LowRankPlusSparse``: other devices, no numba, or ``token_major=False``):
   CSR @ dense runs as one contiguous axpy per non-zero only when the dense operand is
   (features, T) row-major.  So the low-rank GEMMs write their results in that layout, the sparse

@@ -141,7 +141,8 @@ def relora_recipe(model, task, *, lr: float = 1e-3, rank: int = 32, every: int =
     _check_task(task, "relora")
     # "reset" by default: at micro scale the paper's 99% magnitude pruning (moments pruned
     # independently, as in the reference code) left surviving first moments over zeroed second
-    # moments and diverged (eval loss 3.44 vs 1.67 with reset, tests' synthetic task, 150 steps)
+    # moments and diverged (eval loss 3.44 vs 1.67 with reset, tests' synthetic task, 150 steps);
+    # "prune-joint" (one mask per parameter) prunes 99% and matches reset (BENCHMARKS.md)
     sched = ReLoRA(every, optimizer_reset=optimizer_reset, prune_ratio=prune_ratio, total_steps=total_steps,  # type: ignore[arg-type]
                    warmup_steps=warmup_steps, restart_warmup_steps=min(restart_warmup_steps, every - 1))
     adapt(model, "lora", rank=rank)

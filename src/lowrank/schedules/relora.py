@@ -5,7 +5,8 @@ Every ``every`` optimizer steps, for each factor adapter (LoRA and friends):
     W ← W + s B A            merge the update into the frozen weight
     A ← Kaiming, B ← 0       restart the factors (the layer's function is unchanged)
     optimizer state of A, B: reset to zero, or magnitude-pruned (keep the largest (1 - ratio)
-                             of each moment tensor), or kept ("none")
+                             of each moment tensor; "prune-joint": one mask per parameter, from
+                             its second moment), or kept ("none")
 
 so the sum of many rank-r updates reaches high rank.  The learning rate follows a *jagged*
 cosine: one cosine decay over the run (``total_steps``; constant when None), with a linear
@@ -68,25 +69,42 @@ def factor_adapters(model: nn.Module, name: str) -> list[tuple[str, Any, FactorA
     return found
 
 
+def _smallest(v: torch.Tensor, ratio: float) -> torch.Tensor | None:
+    """Mask of the ⌈ratio · n⌉ entries of v smallest in magnitude (None: nothing to drop)."""
+    k = math.ceil(ratio * v.numel() - 1e-9)
+    if k <= 0:
+        return None
+    if k >= v.numel():
+        return torch.ones_like(v, dtype=torch.bool)
+    a = v.abs()
+    return a <= a.flatten().kthvalue(k).values
+
+
 @torch.no_grad()
 def prune_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mode: str, ratio: float) -> None:
-    """Reset (zero) or magnitude-prune every tensor in the optimizer state of ``params``."""
+    """Reset (zero) or magnitude-prune every tensor in the optimizer state of ``params``.
+
+    "prune": each moment tensor keeps its own largest (1 - ratio) entries (the reference code).
+    "prune-joint": one mask per parameter, from its second moment (``exp_avg_sq``; else its first
+    state tensor), applied to every moment, so no first moment survives over a zeroed second
+    moment (an Adam step of m / eps right after the restart).
+    """
     for p in params:
         st = optimizer.state.get(p)
         if not st:
             continue
-        for key, v in st.items():
-            if not torch.is_tensor(v) or v.shape != p.shape or not v.is_floating_point():
-                continue  # the step counter and scalars stay
+        moments = {key: v for key, v in st.items()
+                   if torch.is_tensor(v) and v.shape == p.shape and v.is_floating_point()}  # not the step counter
+        joint = None
+        if mode == "prune-joint" and moments:
+            joint = _smallest(moments.get("exp_avg_sq", next(iter(moments.values()))), ratio)
+        for v in moments.values():
             if mode == "reset":
                 v.zero_()
-            elif mode == "prune":
-                k = math.ceil(ratio * v.numel() - 1e-9)  # entries to zero: the k smallest in magnitude
-                if k >= v.numel():
-                    v.zero_()
-                elif k > 0:
-                    thresh = v.abs().flatten().kthvalue(k).values
-                    v.masked_fill_(v.abs() <= thresh, 0.0)
+                continue
+            drop = joint if mode == "prune-joint" else _smallest(v, ratio)
+            if drop is not None:
+                v.masked_fill_(drop, 0.0)
 
 
 class ReLoRA(Schedule):
@@ -98,7 +116,7 @@ class ReLoRA(Schedule):
         every: int = 500,
         *,
         adapter: str = "default",
-        optimizer_reset: Literal["prune", "reset", "none"] = "prune",
+        optimizer_reset: Literal["prune", "prune-joint", "reset", "none"] = "prune",
         prune_ratio: float = 0.99,
         total_steps: int | None = None,
         warmup_steps: int = 0,
@@ -109,8 +127,11 @@ class ReLoRA(Schedule):
         super().__init__()
         if not isinstance(every, int) or every < 1:
             raise ConfigError(f"relora option 'every' must be a positive integer, got {every!r}")
-        if optimizer_reset not in ("prune", "reset", "none"):
-            raise ConfigError(f"relora option 'optimizer_reset' must be 'prune', 'reset' or 'none', got {optimizer_reset!r}")
+        if optimizer_reset not in ("prune", "prune-joint", "reset", "none"):
+            raise ConfigError(
+                "relora option 'optimizer_reset' must be 'prune', 'prune-joint', 'reset' or 'none', "
+                f"got {optimizer_reset!r}"
+            )
         if not 0.0 <= prune_ratio <= 1.0:
             raise ConfigError(f"relora option 'prune_ratio' must be in [0, 1], got {prune_ratio!r}")
         if restart_warmup_steps >= every:
