@@ -39,6 +39,18 @@ TILE = 128  # tokens per tile: a (features x 128) fp32 tile of a 704-wide layer 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}  # vectorise sums; keep NaN/inf semantics
 
 
+def _item_pointer(context, builder, ty, value, indices):
+    """&ary[indices] of a numba array value (LLVM IR)."""
+    a = context.make_array(ty)(context, builder, value)
+    shape, strides = cgutils.unpack_tuple(builder, a.shape, ty.ndim), cgutils.unpack_tuple(builder, a.strides, ty.ndim)
+    return cgutils.get_item_pointer2(context, builder, a.data, shape, strides, ty.layout, indices)
+
+
+def _rows_contiguous(*arrays) -> bool:
+    """The vector intrinsics load whole rows: every 2-d array must be C-contiguous."""
+    return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+
+
 def _swap_blocks(builder, rows):
     """Transpose 8 vectors of 8 as a matrix: swap the off-diagonal b x b blocks for b = 4, 2, 1
     (each swap is one two-input shuffle per vector; the three stages together transpose)."""
@@ -61,6 +73,9 @@ def _block_intrinsic(add: bool):
 
     @intrinsic
     def block(typingctx, src, si, sj, dst, di, dj):
+        if not _rows_contiguous(src, dst):
+            return None
+
         def codegen(context, builder, sig, args):
             src_ty, dst_ty = sig.args[0], sig.args[3]
             s, si_, sj_, d, di_, dj_ = args
@@ -68,16 +83,13 @@ def _block_intrinsic(add: bool):
             vec_ptr = ir.VectorType(elt, 8).as_pointer()
             align = context.get_abi_sizeof(elt)
 
-            def pointer(ty, ary, i, j, k):
-                a = context.make_array(ty)(context, builder, ary)
-                shape, strides = cgutils.unpack_tuple(builder, a.shape, 2), cgutils.unpack_tuple(builder, a.strides, 2)
-                row = builder.add(i, ir.Constant(i.type, k))
-                p = cgutils.get_item_pointer2(context, builder, a.data, shape, strides, ty.layout, [row, j])
+            def row(ty, ary, i, j, k):  # &ary[i + k, j] as a pointer to 8 elements
+                p = _item_pointer(context, builder, ty, ary, [builder.add(i, ir.Constant(i.type, k)), j])
                 return builder.bitcast(p, vec_ptr)
 
-            rows = [builder.load(pointer(src_ty, s, si_, sj_, a), align=align) for a in range(8)]
+            rows = [builder.load(row(src_ty, s, si_, sj_, a), align=align) for a in range(8)]
             for j, col in enumerate(_swap_blocks(builder, rows)):
-                p = pointer(dst_ty, d, di_, dj_, j)
+                p = row(dst_ty, d, di_, dj_, j)
                 builder.store(builder.fadd(builder.load(p, align=align), col) if add else col, p, align=align)
             return context.get_dummy_value()
 
@@ -100,23 +112,15 @@ def _pointer(typingctx, address, like):
     return types.CPointer(like)(address, like), codegen
 
 
-def _array_parts(context, builder, ty, value):
-    a = context.make_array(ty)(context, builder, value)
-    return a, cgutils.unpack_tuple(builder, a.shape, ty.ndim), cgutils.unpack_tuple(builder, a.strides, ty.ndim)
-
-
 def _load_index(context, builder, ty, value, k):
     """ty[k] of a 1-d integer array, widened to k's type."""
-    a, shape, strides = _array_parts(context, builder, ty, value)
-    v = builder.load(cgutils.get_item_pointer2(context, builder, a.data, shape, strides, ty.layout, [k]))
+    v = builder.load(_item_pointer(context, builder, ty, value, [k]))
     return builder.sext(v, k.type) if v.type.width < k.type.width else v
 
 
 def _row_pointer(context, builder, ty, value, row, vec):
-    """&ary[row, 0] of a 2-d array as a pointer to a whole-TILE vector."""
-    a, shape, strides = _array_parts(context, builder, ty, value)
-    p = cgutils.get_item_pointer2(context, builder, a.data, shape, strides, ty.layout, [row, ir.Constant(row.type, 0)])
-    return builder.bitcast(p, vec.as_pointer())
+    """&ary[row, 0] of a 2-d array as a pointer to a whole-tile vector."""
+    return builder.bitcast(_item_pointer(context, builder, ty, value, [row, ir.Constant(row.type, 0)]), vec.as_pointer())
 
 
 def _splat(builder, value, vec):
@@ -153,19 +157,17 @@ def _row_tile_codegen(context, builder, sig, args):
         other_ty, out_ty = sig.args[6], sig.args[7]
         other, out, b = args[6:]
         other_row = builder.load(_row_pointer(context, builder, other_ty, other, i, vec), align=align)
-        o, o_shape, o_strides = _array_parts(context, builder, out_ty, out)
-    v_ary, v_shape, v_strides = _array_parts(context, builder, val_ty, val)
     acc = cgutils.alloca_once_value(builder, ir.Constant(vec, None))  # zeros; promoted to registers
     start = _load_index(context, builder, crow_ty, crow, i)
     stop = _load_index(context, builder, crow_ty, crow, builder.add(i, ir.Constant(i.type, 1)))
     with cgutils.for_range_slice(builder, start, stop, ir.Constant(i.type, 1), intp=i.type) as (k, _):
         j = _load_index(context, builder, col_ty, col, k)
-        v = builder.load(cgutils.get_item_pointer2(context, builder, v_ary.data, v_shape, v_strides, val_ty.layout, [k]))
+        v = builder.load(_item_pointer(context, builder, val_ty, val, [k]))
         row = builder.load(_row_pointer(context, builder, src_ty, src, j, vec), align=align)
         builder.store(builder.call(fma, [_splat(builder, v, vec), row, builder.load(acc)]), acc)
         if sampled:
             dot = _sum_lanes(builder, builder.fmul(row, other_row))
-            builder.store(dot, cgutils.get_item_pointer2(context, builder, o.data, o_shape, o_strides, out_ty.layout, [b, k]))
+            builder.store(dot, _item_pointer(context, builder, out_ty, out, [b, k]))
     builder.store(builder.load(acc), _row_pointer(context, builder, dst_ty, dst, i, vec), align=align)
     return context.get_dummy_value()
 
@@ -173,12 +175,16 @@ def _row_tile_codegen(context, builder, sig, args):
 @intrinsic
 def _csr_row_tile(typingctx, crow, col, val, src, dst, i):
     """dst[i, :TILE] = Σ_k val_k · src[col_k, :TILE] over row i of a CSR matrix (in registers)."""
+    if not _rows_contiguous(src, dst):
+        return None
     return types.void(crow, col, val, src, dst, i), _row_tile_codegen
 
 
 @intrinsic
 def _csr_row_tile_sampled(typingctx, crow, col, val, src, dst, i, other, out, b):
     """The same, and out[b, k] = src[col_k, :TILE] · other[i, :TILE] for each k of row i."""
+    if not _rows_contiguous(src, dst, other):
+        return None
     return types.void(crow, col, val, src, dst, i, other, out, b), _row_tile_codegen
 
 
