@@ -25,23 +25,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from lowrank.recipes import TaskInfo, get_recipe  # noqa: E402
 import test_pretrain_run as task  # noqa: E402
 
+
 def run(mode, restart_warmup, total_steps):
     model = task._model()
     prep = get_recipe("relora").build(model, TaskInfo("pretrain"), lr=3e-3, rank=task.RANK, every=50,
                                       optimizer_reset=mode, restart_warmup_steps=restart_warmup,
                                       total_steps=total_steps)
-    model, opt, cbs = prep.model, prep.optimizer, prep.callbacks
     train, evald = task._language(task.STEPS * task.BATCH, 1), task._language(64, 2)
-    for s in range(task.STEPS):
-        ids = train[s * task.BATCH:(s + 1) * task.BATCH]
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        for cb in cbs:
-            cb.step(model, opt, s)
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=evald, labels=evald).loss.item()
+    return task.fit(prep.model, prep.optimizer, prep.callbacks, train, evald)
 
 
 def main():

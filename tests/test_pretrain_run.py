@@ -52,12 +52,17 @@ def _run(method: str, train: torch.Tensor, evald: torch.Tensor) -> float:
             opts["sparsity"] = 0.1
         prep = get_recipe(method).build(model, TaskInfo("pretrain"), lr=3e-3, rank=RANK, **opts)
         model, opt, cbs = prep.model, prep.optimizer, prep.callbacks
+    return fit(model, opt, cbs, train, evald)
+
+
+def fit(model, opt, callbacks, train, evald) -> float:
+    """STEPS steps of BATCH rows of `train`, callbacks after each; the eval loss on `evald`."""
     for s in range(STEPS):
         ids = train[s * BATCH : (s + 1) * BATCH]
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-        for cb in cbs:
+        for cb in callbacks:
             cb.step(model, opt, s)
     model.eval()
     with torch.no_grad():

@@ -243,16 +243,12 @@ def _rows_sampled(crow, col, val, src, acc, other, out, b, nt):  # pragma: no co
         for i in range(crow.shape[0] - 1):
             _csr_row_tile_sampled(crow, col, val, src, acc, i, other, out, b)
         return
-    acc[:, :nt] = 0.0  # the last, partial tile: plain loops
+    _rows(crow, col, val, src, acc, nt)  # the last, partial tile: plain loops
     for i in range(crow.shape[0] - 1):
         for k in range(crow[i], crow[i + 1]):
-            v = val[k]
-            j = col[k]
-            s = src[j, 0] * other[i, 0]  # (in the arrays' dtype)
-            acc[i, 0] += v * src[j, 0]
+            s = src[col[k], 0] * other[i, 0]  # (in the arrays' dtype)
             for a in range(1, nt):
-                acc[i, a] += v * src[j, a]
-                s += src[j, a] * other[i, a]
+                s += src[col[k], a] * other[i, a]
             out[b, k] = s
 
 
