@@ -160,6 +160,27 @@ def test_sltrain_layer_group_matches_dense_reference(token_major, dtype):
             torch.testing.assert_close(g, w, **tol)
 
 
+@pytest.mark.parametrize("trainable", ["x", "values"], ids=["frozen-values", "input-without-grad"])
+def test_sltrain_group_backward_with_only_some_gradients_needed(trainable):
+    """The backward kernel's two other paths: the input gradient without the value gradient
+    (frozen values) and the value gradient without the input gradient (x needs none)."""
+    torch.manual_seed(3)
+    n_in, r = 24, 3
+    pats = [SparsePattern(torch.randperm(o * n_in)[:k].sort().values, o, n_in) for o, k in [(16, 50), (40, 120)]]
+    x = torch.randn(131, n_in, requires_grad=trainable == "x")
+    params = [(torch.randn(r, n_in), torch.randn(p.shape[0], r), torch.randn(p.flat.numel(), requires_grad=trainable == "values"))
+              for p in pats]
+    layers = [(A, B, 0.5, v, p) for (A, B, v), p in zip(params, pats)]
+    leaves = [x] if trainable == "x" else [v for *_, v in params]
+    ys = lowrank_plus_sparse_shared(x, layers)
+    refs = [_dense_reference(x, A, B, 0.5, v, p.flat, *p.shape) for (A, B, v), p in zip(params, pats)]
+    gys = [torch.randn_like(y) for y in ys]
+    got = torch.autograd.grad(ys, leaves, gys)
+    want = torch.autograd.grad(refs, leaves, gys)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_token_major_kernels_give_the_same_bits_on_any_thread_count():
     """Each tile owns its outputs and the value gradient's partial sums are reduced in a fixed
     order, so one thread and two give identical results (300 tokens: two whole tiles, one partial)."""
