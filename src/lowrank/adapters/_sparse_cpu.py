@@ -189,35 +189,23 @@ def _csr_row_tile_sampled(typingctx, crow, col, val, src, dst, i, other, out, b)
 
 
 @numba.njit(fastmath=_FAST, cache=True, inline="always")
-def _tile_t(src, t0, nt, dst, r0):  # pragma: no cover - compiled
-    """dst[r0:r0 + n, :nt] = src[t0:t0 + nt, :]ᵀ (n = src's width), 8 x 8 blocks in registers."""
-    n = src.shape[1]
-    a8, n8 = nt - nt % 8, n - n % 8
-    for a0 in range(0, a8, 8):
-        for j0 in range(0, n8, 8):
-            _block_t(src, t0 + a0, j0, dst, r0 + j0, a0)
-        for a in range(a0, a0 + 8):
-            for j in range(n8, n):
-                dst[r0 + j, a] = src[t0 + a, j]
-    for a in range(a8, nt):
-        for j in range(n):
-            dst[r0 + j, a] = src[t0 + a, j]
-
-
-@numba.njit(fastmath=_FAST, cache=True, inline="always")
-def _tile_add_t(acc, r0, nt, dst, t0):  # pragma: no cover - compiled
-    """dst[t0:t0 + nt, :] += acc[r0:r0 + n, :nt]ᵀ (n = dst's width), 8 x 8 blocks in registers."""
-    n = dst.shape[1]
-    a8, n8 = nt - nt % 8, n - n % 8
-    for a0 in range(0, a8, 8):
-        for j0 in range(0, n8, 8):
-            _block_add_t(acc, r0 + j0, a0, dst, t0 + a0, j0)
-        for a in range(a0, a0 + 8):
-            for j in range(n8, n):
-                dst[t0 + a, j] += acc[r0 + j, a]
-    for a in range(a8, nt):
-        for j in range(n):
-            dst[t0 + a, j] += acc[r0 + j, a]
+def _tile_move(src, si, dst, di, na, nj, add):  # pragma: no cover - compiled
+    """dst[di + j, a] = src[si + a, j] (or += when `add`) for a < na, j < nj: a tile transposed in
+    8 x 8 blocks held in registers, edges element by element.  `add` is a constant at every call
+    site, so the compiled code carries no branch per element."""
+    a8, j8 = na - na % 8, nj - nj % 8
+    for j0 in range(0, j8, 8):  # dst's strips of 8 rows outer: each is finished while in cache
+        for a0 in range(0, a8, 8):
+            if add:
+                _block_add_t(src, si + a0, j0, dst, di + j0, a0)
+            else:
+                _block_t(src, si + a0, j0, dst, di + j0, a0)
+    for a in range(na):
+        for j in range(j8 if a < a8 else 0, nj):
+            if add:
+                dst[di + j, a] += src[si + a, j]
+            else:
+                dst[di + j, a] = src[si + a, j]
 
 
 @numba.njit(fastmath=_FAST, cache=True, inline="always")
@@ -260,13 +248,13 @@ def _add_x_st(x, crow, col, val, y_at, y_width):  # pragma: no cover - compiled
         t0 = b * TILE
         nt = min(n_tok, t0 + TILE) - t0
         xt = np.empty((n_in, TILE), x.dtype)  # this tile of x, feature-major (columns < nt)
-        _tile_t(x, t0, nt, xt, 0)
+        _tile_move(x, t0, xt, 0, nt, n_in, False)  # xt[:, :nt] = x[t0:t0 + nt]ᵀ
         acc = np.empty((n_out, TILE), x.dtype)
         _rows(crow, col, val, xt, acc, nt)  # S xtᵀ on the tile, all layers
         r0 = 0
         for i in range(y_at.shape[0]):  # layer i's rows go to its own y_i
             y = numba.carray(_pointer(y_at[i], x[0, 0]), (n_tok, y_width[i]))
-            _tile_add_t(acc, r0, nt, y, t0)
+            _tile_move(acc, r0, y, t0, y_width[i], nt, True)  # y[t0:t0 + nt] += acc[r0:, :nt]ᵀ
             r0 += y_width[i]
 
 
@@ -284,17 +272,17 @@ def _add_dy_s(dy_at, dy_width, x, crow_t, col_t, val_t, dx, gv_tiles):  # pragma
                 dyt[r0: r0 + dy_width[i], :] = 0.0
             else:
                 dy = numba.carray(_pointer(dy_at[i], x[0, 0]), (n_tok, dy_width[i]))
-                _tile_t(dy, t0, nt, dyt, r0)
+                _tile_move(dy, t0, dyt, r0, nt, dy_width[i], False)
             r0 += dy_width[i]
         acc = np.empty((n_in, TILE), x.dtype)
         if gv_tiles.shape[0] > 0:  # Σ_i S_iᵀ dy_itᵀ, and this tile's share of dyᵀ x at the support
             xt = np.empty((n_in, TILE), x.dtype)
-            _tile_t(x, t0, nt, xt, 0)
+            _tile_move(x, t0, xt, 0, nt, n_in, False)  # xt[:, :nt] = x[t0:t0 + nt]ᵀ
             _rows_sampled(crow_t, col_t, val_t, dyt, acc, xt, gv_tiles, b, nt)
         else:
             _rows(crow_t, col_t, val_t, dyt, acc, nt)  # Σ_i S_iᵀ dy_itᵀ on the tile
         if dx.shape[0] > 0:
-            _tile_add_t(acc, 0, nt, dx, t0)
+            _tile_move(acc, 0, dx, t0, n_in, nt, True)
 
 
 def _addresses(arrays) -> np.ndarray:
