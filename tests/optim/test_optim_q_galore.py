@@ -30,6 +30,16 @@ def projected(opt):
     return [p for g in opt.param_groups if g["method"] == "q_galore" for p in g["params"]]
 
 
+def float_twin(m, opt):
+    """A float tiny Llama (the same seeded init as m) whose projected weights are m's dequantised INT8 codes."""
+    ref = tiny_llama()
+    with torch.no_grad():
+        for p, pr in zip(m.parameters(), ref.parameters()):
+            if any(p is q for q in projected(opt)):
+                pr.copy_(dequantize8(opt.weight_of(p), p.shape, p.dtype))
+    return ref
+
+
 def codes_bytes(opt):
     return sum(w.codes.numel() * w.codes.element_size() + w.scale.numel() * 4 + w.zero.numel()
                for w in (opt.weight_of(p) for p in projected(opt)))
@@ -76,11 +86,7 @@ def test_autograd_keeps_int8_not_a_float_copy_of_the_weight():
 
 def test_forward_and_gradients_equal_a_float_model_with_the_dequantised_weights():
     m, opt = make()
-    ref = tiny_llama()
-    with torch.no_grad():
-        for (n, p), (_, pr) in zip(m.named_parameters(), ref.named_parameters()):
-            if any(p is q for q in projected(opt)):
-                pr.copy_(dequantize8(opt.weight_of(p), p.shape, p.dtype))
+    ref = float_twin(m, opt)
     m.train(), ref.train()
     la, lb = m(**batch(3)).loss, ref(**batch(3)).loss
     torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-6)
@@ -280,11 +286,7 @@ def test_hugging_face_trainer_trains_and_checkpoints_int8_weights(tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     # checkpointing brings its own saved-tensor hooks and re-runs forward inside backward
     m, opt = make()
-    ref = tiny_llama()
-    with torch.no_grad():
-        for (n, p), (_, pr) in zip(m.named_parameters(), ref.named_parameters()):
-            if any(p is q for q in projected(opt)):
-                pr.copy_(dequantize8(opt.weight_of(p), p.shape, p.dtype))
+    ref = float_twin(m, opt)
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     m.train(), ref.train()
     m(**batch(2)).loss.backward()
