@@ -9,7 +9,10 @@ configuration are interleaved round-robin (so load changes on the machine hit al
   peft-*  PEFT 0.21 LoRA / DoRA
   ours-*  lowrank LoRA / DoRA
 
-Peak RSS is measured per configuration in a fresh subprocess (its own VmHWM).
+Peak RSS is measured per configuration in a fresh subprocess (its own VmHWM).  Page faults per
+step are counted in the shared process: under glibc's default malloc, large freed blocks go
+back to the system and each step touches fresh pages again; with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` in the environment none does.
 
     .venv/bin/python bench/adapter_step.py [--rounds 6] [--no-memory]
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 import warnings
@@ -84,13 +88,16 @@ def main() -> None:
     ids = torch.randint(0, 8192, (B, T), generator=torch.Generator().manual_seed(0))
     built = {n: build(n) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[int]] = {n: [] for n in names}  # minor page faults (fresh pages touched)
     for n in names:  # warm-up: allocator, optimizer state
         step(*built[n], ids)
     for _ in range(args.rounds):
         for n in names:
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             step(*built[n], ids)
             times[n].append(time.perf_counter() - t)
+            faults[n].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     rate = matmul_rate()
     med = {n: statistics.median(v) for n, v in times.items()}
     # multiply work of the frozen base: forward 2*P*T*B + input-gradient backward 2*P*T*B (linear layers)
@@ -105,6 +112,7 @@ def main() -> None:
         if n.startswith("ours-") and f"peft-{n[5:]}" in med:
             row["x_peft"] = round(med[n] / med[f"peft-{n[5:]}"], 3)
         row["matmul_rate_fraction"] = round(base_flops / med[n] / rate, 3)
+        row["page_faults_per_step"] = int(statistics.median(faults[n]))
         if not args.no_memory:
             row["peak_rss_gb"] = round(peak_rss_of(n) / 1e9, 3)
         rows.append(row)
