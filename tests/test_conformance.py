@@ -174,3 +174,55 @@ def test_every_init_on_every_factor_method(method, init):
             before = run_model(model, "llama", x)
             lowrank.merge(model)
             torch.testing.assert_close(run_model(model, "llama", x), before, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stacked_with_lora_updates_sum_in_any_order(method, model_kind):
+    """Two live adapters on one layer (the method and a LoRA): each update is taken against the base layer and they add
+    up, so the active order does not matter, and merging both keeps the outputs."""
+    model, x, base_out = _setup(method, model_kind)
+    targets = lowrank.adapter_record(model, "default")["targets"]
+    try:
+        lowrank.adapt(model, "lora", rank=2, name="second", targets=targets)
+    except lowrank.UnsupportedLayerError:  # a method for other layer types: stack two of its own
+        _adapt(model, method, name="second", targets=targets)
+    _perturb(model, seed=5)
+    layer = next(m for m in model.modules()
+                 if isinstance(m, lowrank.AdaptedLayer) and {"default", "second"} <= set(m.adapters))
+    seen = []  # the layer's call on the model's forward
+    layer.register_forward_pre_hook(lambda mod, args, kw: seen.append((args, kw)) if not seen else None,
+                                    with_kwargs=True)
+
+    def call():  # the layer alone, on that call (a block's output may be a tuple)
+        out = layer(*seen[0][0], **seen[0][1])
+        return out[0] if isinstance(out, tuple) else out
+    with torch.no_grad():
+        outs = {}
+        for order in (["default", "second"], ["second", "default"], ["default"], ["second"]):
+            lowrank.set_active(model, order)
+            outs[tuple(order)] = run_model(model, model_kind, x)
+        with lowrank.disabled(model):
+            y0 = call()
+        lowrank.set_active(model, ["default", "second"])
+        y_both = call()
+        lowrank.set_active(model, ["default"])
+        y_a = call()
+        lowrank.set_active(model, ["second"])
+        y_b = call()
+    torch.testing.assert_close(outs[("second", "default")], outs[("default", "second")], atol=ATOL, rtol=0)
+    torch.testing.assert_close(y_both - y0, (y_a - y0) + (y_b - y0), atol=ATOL, rtol=0)
+    assert not torch.allclose(y_b, y0, atol=1e-5), "the second adapter should change the layer"
+    if not lowrank.get_method(method).mergeable:
+        return
+    lowrank.set_active(model, ["default", "second"])
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        lowrank.merge(model)
+        merged = run_model(model, model_kind, x)
+        lowrank.unmerge(model)
+        after = run_model(model, model_kind, x)
+    torch.testing.assert_close(merged, outs[("default", "second")], atol=ATOL, rtol=0)
+    torch.testing.assert_close(after, outs[("default", "second")], atol=ATOL, rtol=0)
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=0, msg=f"{n} not restored")

@@ -153,35 +153,68 @@ class AdaptedLayer(nn.Module):
                 return adapter.forward_fused(x, adapter.dropout(x), self.base)
         live = [] if self.disabled else [n for n in self.active if n not in self.merged]
         replacing = [n for n in live if self.adapters[n].replaces_base]
-        if replacing:  # a full-weight parameterisation computes the whole layer itself
-            out = None
+        if len(replacing) > 1:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"adapters {replacing} each replace the base layer; activate one of them")
+        if replacing:  # a full-weight parameterisation computes the whole layer: it is the base here
+            base_out = self._apply(replacing[0], x, None)
+            live.remove(replacing[0])
         else:
-            out = self.base_layer(x, *args, **kwargs)
+            base_out = self.base_layer(x, *args, **kwargs)
+        out = base_out
         for name in live:
-            adapter: Adapter = self.adapters[name]
-            xa = adapter.dropout(x)
-            if xa.dtype != adapter.compute_dtype:
-                xa = xa.to(adapter.compute_dtype)
-            out = adapter(xa, out, self.base)
+            if out is base_out or not isinstance(base_out, torch.Tensor):
+                # the first update (or representation edits of a block's non-tensor output, in order)
+                out = self._apply(name, x, out)
+            else:  # every update is taken against the base output and the updates add up
+                out = out + (self._apply(name, x, base_out) - base_out)
         return out
+
+    def _apply(self, name: str, x: torch.Tensor, base_out):
+        adapter: Adapter = self.adapters[name]
+        xa = adapter.dropout(x)
+        if xa.dtype != adapter.compute_dtype:
+            xa = xa.to(adapter.compute_dtype)
+        return adapter(xa, base_out, self.base)
 
     # -- merging ---------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
+        todo = [n for n in (names if names is not None else self.active) if n not in self.merged]
+        if not todo:
+            return
+        for name in todo:
+            self.adapters[name].check_mergeable()
         base = self.base
-        for name in names if names is not None else list(self.active):
-            if name in self.merged:
-                continue
+        if not self.merged and len(todo) == 1:
+            adapter = self.adapters[todo[0]]
+            base.set_weight(adapter.merge_into(base.weight.to(adapter.compute_dtype)))
+            self.merged.append(todo[0])
+            return
+        # Several adapters: each update is taken against the same base weight W0 (as in forward)
+        # and they add up.  W0 is kept to restore exactly: an update may depend on W0 itself.
+        names = self.merged + todo
+        self.unmerge()
+        w0 = base.weight.detach().clone()  # (out, in)
+        merged = w0.clone()
+        for name in names:
             adapter = self.adapters[name]
-            adapter.check_mergeable()
-            w = base.weight
-            merged = adapter.merge_into(w.to(adapter.compute_dtype))
-            base.set_weight(merged)
-            self.merged.append(name)
+            w = w0.to(adapter.compute_dtype)
+            w_i = adapter.merge_into(w)
+            adapter.unmerge_from(w_i)  # releases what merge_into kept for its own unmerge
+            merged += (w_i - w).to(merged.dtype)
+        base.set_weight(merged)
+        self._premerge_weight = w0
+        self.merged = names
 
     @torch.no_grad()
     def unmerge(self) -> None:
         base = self.base
+        w0 = self.__dict__.pop("_premerge_weight", None)
+        if w0 is not None:
+            base.set_weight(w0)
+            self.merged = []
         while self.merged:
             adapter = self.adapters[self.merged[-1]]
             base.set_weight(adapter.unmerge_from(base.weight.to(adapter.compute_dtype)))
