@@ -81,6 +81,15 @@ def test_same_adapter_twice(model):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("kw", [{"name": "a.b"}, {"name": ""}, {"name": 123}, {"name": "x/y"}, {"alpha": "x"}])
+def test_bad_adapter_name_or_alpha(model, kw):
+    snap = snapshot(model)
+    with pytest.raises(lowrank.ConfigError, match="name" if "name" in kw else "alpha"):
+        lowrank.adapt(model, "lora", targets=["q_proj"], rank=2, **kw)
+    assert_unchanged(model, snap)
+    assert not getattr(model, "_lowrank_adapters", {}), "no adapter record may be left behind"
+
+
 @pytest.fixture
 def saved(tmp_path):
     m = lowrank.adapt(tiny_llama(), "lora", targets=["q_proj", "v_proj"], rank=2)
@@ -165,6 +174,19 @@ def test_load_bad_config(saved):
     _fails_cleanly(saved, match="not valid JSON")
     (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 2}))
     _fails_cleanly(saved, match="no registered method")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("rank", "four", "lowrank.rank"), ("rank", True, "lowrank.rank"), ("alpha", "x", "lowrank.alpha"),
+    ("targets", 5, "lowrank.targets"), ("options", [], "lowrank.options"),
+    ("shapes", {"model.layers.0.self_attn.q_proj": [32]}, "lowrank.shapes"),
+    ("shapes", {"model.nothere": [4, 4]}, "model.nothere"),
+])
+def test_load_malformed_lowrank_section(saved, key, value, match):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg["lowrank"][key] = value
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    _fails_cleanly(saved, match=match)
 
 
 def test_load_path_escaping_directory(saved, tmp_path):

@@ -145,6 +145,10 @@ def plan_adapters(
     options: dict[str, Any],
 ) -> list[_Planned]:
     """Build every adapter detached from the model; nothing in the model changes here."""
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\"):
+        raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise ConfigError(f"alpha must be a number or None, got {alpha!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     if not 0.0 <= dropout < 1.0:

@@ -258,6 +258,36 @@ def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return cfg, tensors
 
 
+def _check_section(r: dict[str, Any], where: str) -> None:
+    """The types of the 'lowrank' section's fields, before any of them is used."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def names(v):
+        return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+    def shape(v):
+        return isinstance(v, list) and len(v) == 2 and all(isinstance(d, int) and d > 0 for d in v)
+
+    checks = {
+        "method": (lambda v: isinstance(v, str), "a method name"),
+        "rank": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
+        "alpha": (lambda v: v is None or number(v), "a number"),
+        "dropout": (lambda v: v is None or number(v), "a number"),
+        "targets": (lambda v: isinstance(v, str) or names(v), "a string or a list of module names"),
+        "exclude": (lambda v: v is None or isinstance(v, str) or names(v), "a string or a list of module names"),
+        "init": (lambda v: v is None or isinstance(v, str), "an init name"),
+        "init_options": (lambda v: isinstance(v, dict), "an object"),
+        "options": (lambda v: isinstance(v, dict), "an object"),
+        "modules_to_save": (lambda v: names(v), "a list of module names"),
+        "shapes": (lambda v: isinstance(v, dict) and all(shape(x) for x in v.values()),
+                   "an object of [out, in] pairs"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in r and not ok(r[key]):
+            raise AdapterLoadError(f"{where}: 'lowrank.{key}' must be {what}, got {r[key]!r}")
+
+
 def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Method, rank, alpha, options and targets described by a config (ours or PEFT's)."""
     if "lowrank" in cfg:
@@ -268,6 +298,7 @@ def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             raise AdapterLoadError(f"{where}: 'lowrank' section lacks {', '.join(missing)}")
         if r.get("format_version", 1) > FORMAT_VERSION:
             raise AdapterLoadError(f"{where}: format_version {r['format_version']} is newer than this lowrank")
+        _check_section(r, where)
         return dict(r)
     _load_builtins()
     for cls in _METHODS.values():
@@ -314,6 +345,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 raise AdapterLoadError(f"{where}: module {t!r} of the adapter does not exist in this model")
         shapes = recipe.get("shapes", {})
         for t, shape in shapes.items():
+            if t not in modules:
+                raise AdapterLoadError(f"{where}: 'lowrank.shapes' names module {t!r}, which this model lacks")
             m = modules[t]
             base = m.base if isinstance(m, AdaptedLayer) else None
             if base is None and hasattr(m, "weight"):
