@@ -66,6 +66,14 @@ def test_rank_too_large_names_module(model):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("method", ["denselora", "flylora", "lori"])
+def test_rank_too_large_for_other_factor_methods(model, method):
+    snap = snapshot(model)
+    with pytest.raises(lowrank.ShapeError, match="q_proj"):
+        lowrank.adapt(model, method, targets=["q_proj"], rank=1000)
+    assert_unchanged(model, snap)
+
+
 def test_unsupported_layer_type(model):
     snap = snapshot(model)
     with pytest.raises(lowrank.UnsupportedLayerError, match="input_layernorm"):

@@ -70,6 +70,10 @@ class DenseLoRA(Adapter):
         self.lora_M = nn.Parameter(M)  # (r, r)
 
     @classmethod
+    def validate(cls, base: BaseLayer, rank: int, path: str, **options: Any) -> None:
+        cls.check_rank_fits(base, rank, path)
+
+    @classmethod
     def shared_state(cls, layers: dict[str, BaseLayer], rank: int, **options: Any) -> dict[str, Any]:
         codecs: dict[tuple, DenseCodec] = {}
         out = {}

@@ -76,6 +76,7 @@ class FlyLoRA(Adapter):
         cls, base: BaseLayer, rank: int, path: str, top_k: int = 0, density: float = 0.0, bias_lr: float = 1e-3,
         **options: Any,
     ) -> None:
+        cls.check_rank_fits(base, rank, path)
         if not isinstance(top_k, int) or not 0 <= top_k <= rank:
             raise ConfigError(f"flylora option top_k must be an integer in [1, rank={rank}] (0 = rank // 4), got {top_k!r}")
         if not 0.0 <= density <= 1.0:

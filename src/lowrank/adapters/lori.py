@@ -63,6 +63,7 @@ class LoRI(FrozenRandomA):
 
     @classmethod
     def validate(cls, base: BaseLayer, rank: int, path: str, **options: Any) -> None:
+        cls.check_rank_fits(base, rank, path)
         s = options.get("sparsity", 0.9)
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
             raise ConfigError(f"lori option sparsity must be in [0, 1), got {s!r} (module {path!r})")

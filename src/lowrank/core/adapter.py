@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, MergeError
+from ..errors import ConfigError, MergeError, ShapeError
 from .layers import LINEAR_TYPES, BaseLayer
 
 
@@ -125,6 +125,14 @@ class Adapter(nn.Module):
 
         Runs before any module is created, so a failure leaves the model untouched.
         """
+
+    @classmethod
+    def check_rank_fits(cls, base: BaseLayer, rank: int, path: str) -> None:
+        """ShapeError naming ``path`` if ``rank`` exceeds min(out, in) of the layer."""
+        if rank > min(base.in_features, base.out_features):
+            raise ShapeError(
+                f"{cls.name} rank {rank} exceeds min(out, in) of {path!r} ({base.out_features}x{base.in_features})"
+            )
 
     @classmethod
     def check_count_option(cls, options: dict[str, Any], key: str, default: int, path: str) -> int:
