@@ -98,6 +98,32 @@ def test_bad_adapter_name_or_alpha(model, kw):
     assert not getattr(model, "_lowrank_adapters", {}), "no adapter record may be left behind"
 
 
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"exclude": r"(["}, lowrank.TargetError, "exclude regex"),
+    ({"targets": [1, 2]}, lowrank.TargetError, "targets must be"),
+    ({"targets": None}, lowrank.TargetError, "targets must be"),
+    ({"method": "vera", "d_initial": "bad"}, lowrank.ConfigError, "'d_initial' must be a number"),
+    ({"method": "asymmetric", "seed": 1.5}, lowrank.ConfigError, "'seed' must be an integer"),
+    ({"method": "dora", "rslora": "yes"}, lowrank.ConfigError, "'rslora' must be a bool"),
+])
+def test_bad_targets_and_option_types(model, kw, exc, match):
+    snap = snapshot(model)
+    method = kw.pop("method", "lora")
+    with pytest.raises(exc, match=match):
+        lowrank.adapt(model, method, rank=2, **kw)
+    assert_unchanged(model, snap)
+
+
+def test_weight_reading_init_on_meta_model():
+    with torch.device("meta"):
+        model = tiny_llama()
+    snap = repr(model)
+    with pytest.raises(lowrank.ConfigError, match="meta device"):
+        lowrank.adapt(model, "lora", rank=2, init="pissa")
+    assert repr(model) == snap and not getattr(model, "_lowrank_adapters", {})
+    lowrank.adapt(model, "lora", rank=2, init="gaussian")  # an init that only draws random factors is fine
+
+
 @pytest.fixture
 def saved(tmp_path):
     m = lowrank.adapt(tiny_llama(), "lora", targets=["q_proj", "v_proj"], rank=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -74,11 +75,18 @@ def resolve_targets(
     method: str = "",
 ) -> list[tuple[str, nn.Module]]:
     """The (path, module) pairs a target spec selects; raises TargetError if none."""
-    if isinstance(targets, str) and targets != "all-linear":
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise TargetError(f"targets regex {targets!r} does not compile: {e}") from None
+    for what, spec in (("targets", targets), ("exclude", exclude)):
+        if spec is None and what == "exclude":
+            continue
+        if isinstance(spec, str):
+            if spec == "all-linear" and what == "targets":
+                continue
+            try:
+                re.compile(spec)
+            except re.error as e:
+                raise TargetError(f"{what} regex {spec!r} does not compile: {e}") from None
+        elif not (isinstance(spec, (list, tuple)) and spec and all(isinstance(t, str) for t in spec)):
+            raise TargetError(f"{what} must be 'all-linear', a regex or a non-empty list of module names, got {spec!r}")
     candidates = [(p, m) for p, m in _candidate_modules(model) if p]
     chosen: list[tuple[str, nn.Module]] = []
     if targets == "all-linear":
@@ -161,6 +169,8 @@ def plan_adapters(
         raise ConfigError(
             f"method {method_cls.name!r} has no option {hints}; its options are: {', '.join(known) or 'none'}"
         )
+    for key, value in options.items():
+        _check_option_type(method_cls.name, key, value, known[key].default)
     chosen = resolve_targets(model, targets, exclude, method_cls.layer_types, method_cls.name)
     if init is not None and not issubclass(method_cls, init.requires):
         raise ConfigError(
@@ -190,10 +200,35 @@ def plan_adapters(
         adapter.to(dtype=_adapter_dtype(base.dtype))
         new_w = None
         if init is not None:
-            new_w = init(adapter, base, stats.get(path))
+            try:
+                new_w = init(adapter, base, stats.get(path))
+            except (RuntimeError, NotImplementedError) as e:
+                if base.device.type != "meta":
+                    raise
+                raise ConfigError(
+                    f"init {init.name!r} reads the weights of {path!r}, which is on the meta device (no values): {e}"
+                ) from None
         adapter.finalize(new_w if new_w is not None else base.weight)
         planned.append(_Planned(path, mod, base, adapter, new_w))
     return planned
+
+
+def _check_option_type(method: str, key: str, value: Any, default: Any) -> None:
+    """An option must have the type of its default in the method's signature (its typed config)."""
+    if default is None or default is inspect.Parameter.empty:
+        return
+    if isinstance(default, bool):
+        ok, what = isinstance(value, bool), "a bool"
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (isinstance(value, int) or isinstance(default, float))
+        what = "a number" if isinstance(default, float) else "an integer"
+    elif isinstance(default, str):
+        ok, what = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"method {method!r} option {key!r} must be {what} (default {default!r}), got {value!r}")
 
 
 def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

@@ -158,7 +158,7 @@ class AdaptedLayer(nn.Module):
 
             raise ConfigError(f"adapters {replacing} each replace the base layer; activate one of them")
         if replacing:  # a full-weight parameterisation computes the whole layer: it is the base here
-            base_out = self._apply(replacing[0], x, None)
+            base_out = self._run_adapter(replacing[0], x, None)
             live.remove(replacing[0])
         else:
             base_out = self.base_layer(x, *args, **kwargs)
@@ -166,12 +166,12 @@ class AdaptedLayer(nn.Module):
         for name in live:
             if out is base_out or not isinstance(base_out, torch.Tensor):
                 # the first update (or representation edits of a block's non-tensor output, in order)
-                out = self._apply(name, x, out)
+                out = self._run_adapter(name, x, out)
             else:  # every update is taken against the base output and the updates add up
-                out = out + (self._apply(name, x, base_out) - base_out)
+                out = out + (self._run_adapter(name, x, base_out) - base_out)
         return out
 
-    def _apply(self, name: str, x: torch.Tensor, base_out):
+    def _run_adapter(self, name: str, x: torch.Tensor, base_out):
         adapter: Adapter = self.adapters[name]
         xa = adapter.dropout(x)
         if xa.dtype != adapter.compute_dtype:
