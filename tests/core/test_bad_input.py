@@ -210,6 +210,16 @@ def test_load_bad_config(saved):
     _fails_cleanly(saved, match="no registered method")
 
 
+def test_load_integer_tensor_for_float_parameter(saved):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(saved / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key].round().to(torch.int64)
+    save_file(tensors, str(saved / "adapter_model.safetensors"))
+    _fails_cleanly(saved, match="torch.int64")
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("rank", "four", "lowrank.rank"), ("rank", True, "lowrank.rank"), ("alpha", "x", "lowrank.alpha"),
     ("targets", 5, "lowrank.targets"), ("options", [], "lowrank.options"),

@@ -324,6 +324,19 @@ def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     )
 
 
+def _take(tensors: dict[str, torch.Tensor], key: str, ref: torch.Tensor, where: str) -> torch.Tensor:
+    """Pop ``key`` from the file's tensors, checked against the model's tensor ``ref``: present,
+    same shape, same kind of number (a float parameter is never filled from integers)."""
+    if key not in tensors:
+        raise AdapterLoadError(f"{where}: key {key!r} is missing from {WEIGHTS_NAME}")
+    t = tensors.pop(key)
+    if t.shape != ref.shape:
+        raise AdapterLoadError(f"{where}: key {key!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+    if t.is_floating_point() != ref.is_floating_point() or t.is_complex() != ref.is_complex():
+        raise AdapterLoadError(f"{where}: key {key!r} holds {t.dtype}, the model expects {ref.dtype}")
+    return t
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
     """Add the adapter saved in ``path`` to ``model`` under ``name``.
 
@@ -407,15 +420,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         expected = p.adapter.adapter_state_dict()
         sub = {}
         for k, ref in expected.items():
-            key = f"{PREFIX}{p.path}.{k}"
-            if key not in remaining:
-                raise AdapterLoadError(f"{where}: key {key!r} is missing from {WEIGHTS_NAME}")
-            t = remaining.pop(key)
-            if t.shape != ref.shape:
-                raise AdapterLoadError(
-                    f"{where}: key {key!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}"
-                )
-            sub[k] = t.to(ref.dtype)
+            sub[k] = _take(remaining, f"{PREFIX}{p.path}.{k}", ref, where).to(ref.dtype)
         p.adapter.load_adapter_state_dict(sub)
     method_cls.load_shared_state([p.adapter for p in planned], remaining, where)
     saved_modules = []
@@ -427,15 +432,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             mod = modules[q]
             new_state = {}
             for k, ref in mod.state_dict().items():
-                key = f"{PREFIX}{q}.{k}"
-                if key not in remaining:
-                    raise AdapterLoadError(f"{where}: key {key!r} is missing from {WEIGHTS_NAME}")
-                t = remaining.pop(key)
-                if t.shape != ref.shape:
-                    raise AdapterLoadError(
-                        f"{where}: key {key!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}"
-                    )
-                new_state[k] = t
+                new_state[k] = _take(remaining, f"{PREFIX}{q}.{k}", ref, where)
             saved_modules.append((q, mod, new_state))
     if remaining:
         extra = sorted(remaining)[:5]
