@@ -105,7 +105,12 @@ def adapter_record(model: nn.Module, name: str = "default") -> dict[str, Any]:
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Choose which adapters are applied (their updates sum); only those are trainable."""
+    """Choose which adapters are applied; only those are trainable.
+
+    Their updates sum: each is taken against the base layer (W x + b), so the order of ``names``
+    does not matter, and merging several folds W + Σ ΔW_i.  (PEFT applies a DoRA adapter to the
+    running output of the adapters before it, so stacked DoRA outputs there depend on the order.)
+    """
     wanted = [names] if isinstance(names, str) else list(names)
     known = adapter_names(model)
     for n in wanted:
