@@ -150,7 +150,40 @@ def test_bad_input_is_refused_before_anything_changes():
     assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in m.parameters())   # no hook left behind
 
 
-@pytest.mark.parametrize("change", [{"rank": 8}, {"projector": "svd"}])
+@pytest.mark.parametrize("build, exc, match", [
+    (lambda m: lo.galore([{"params": list(m.parameters())}], rank=4), ConfigError, "param-group dicts"),
+    (lambda m: lo.galore(list(m.parameters()), rank=4), TargetError, "no parameter is projected"),
+    (lambda m: lo.galore(m, lr=float("nan"), rank=4), ConfigError, "lr must be a finite number"),
+    (lambda m: lo.galore(m, lr="0.1", rank=4), ConfigError, "lr must be a finite number"),
+    (lambda m: lo.galore(m, rank=4, scale=float("inf")), ConfigError, "scale"),
+    (lambda m: lo.fira(m, rank=4, weight_decay=-1.0), ConfigError, "weight_decay"),
+    (lambda m: lo.galore(m, rank=4, inner="lion", betas=(1.5, 2.0)), ConfigError, "lion: betas"),
+    (lambda m: lo.galore(m, rank=4, betas=(0.9,)), ConfigError, "adamw: betas"),
+    (lambda m: lo.fira(m, rank=4, gamma=0.0), ConfigError, "fira: gamma"),
+    (lambda m: lo.apollo(m, rank=4, gamma=-1.0), ConfigError, "apollo: gamma"),
+    (lambda m: lo.flora(m, rank=4, clip_threshold=-1.0), ConfigError, "clip_threshold"),
+    (lambda m: lo.galore(m, rank=4, seed="a"), ConfigError, "seed"),
+    (lambda m: lo.osd(m, rank=4, update_gap=5), ConfigError, "osd fixes update_gap"),
+    (lambda m: lo.q_galore(m, rank=4, projector="svd"), ConfigError, "q_galore fixes projector"),
+])
+def test_bad_hyperparameters_are_refused_at_construction(build, exc, match):
+    m = tiny_llama(0)
+    w0 = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with pytest.raises(exc, match=match):
+        build(m)
+    assert all(torch.equal(p, w0[n]) for n, p in m.named_parameters())
+
+
+def test_groups_are_fixed_after_construction():
+    m = tiny_llama(0)
+    opt = lo.galore(m, lr=1e-3, rank=4)
+    with pytest.raises(ConfigError, match="fixed at construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    assert len(opt.param_groups) == 2
+    train_steps(m, opt, 1)                                   # still steps
+
+
+@pytest.mark.parametrize("change", [{"rank": 8}, {"projector": "svd"}, {"update_gap": 7}])
 def test_loading_state_saved_with_other_rank_or_projector_is_refused(change):
     m = tiny_llama(0)
     a = lo.galore(m, lr=1e-3, rank=4)

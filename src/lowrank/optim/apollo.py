@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from .transforms import check_positive
 from .wrapper import LimiterState, LowRank, limit_growth
 
 
@@ -28,7 +29,7 @@ class Apollo(LowRank):
         super().__init__(inner, projector, **kw)
         if scale_type not in ("channel", "tensor"):
             raise ConfigError(f"apollo: scale_type must be 'channel' or 'tensor', got {scale_type!r}")
-        self.scale_type, self.gamma, self.limiter = scale_type, gamma, limiter
+        self.scale_type, self.gamma, self.limiter = scale_type, check_positive("apollo", "gamma", gamma), limiter
 
     def init_extra(self, p):
         return LimiterState(p.new_zeros((), dtype=torch.float32))

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from .transforms import check_positive
 from .wrapper import LimiterState, LowRank, limit_growth
 
 
 class Fira(LowRank):
     def __init__(self, inner, projector, *, gamma: float = 1.01, **kw):
         super().__init__(inner, projector, **kw)
-        self.gamma = gamma
+        self.gamma = check_positive("fira", "gamma", gamma)
 
     def init_extra(self, p):
         return LimiterState(p.new_zeros((), dtype=torch.float32))

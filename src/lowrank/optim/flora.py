@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .projectors.random import gaussian_basis, next_seed, split_seed
-from .transforms import State, Transform
+from .transforms import State, Transform, check_positive
 
 
 @dataclass
@@ -46,6 +46,9 @@ class Flora(Transform):
             raise ConfigError(f"flora: kappa must be >= 1, got {kappa}")
         if not 0.0 <= beta1 < 1.0:
             raise ConfigError(f"flora: beta1 must lie in [0, 1), got {beta1}")
+        check_positive("flora", "clip_threshold", clip_threshold)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"flora: seed must be a non-negative int, got {seed!r}")
         self.rank, self.kappa, self.b1 = rank, kappa, beta1
         self.decay_rate, self.eps, self.clip, self.seed = decay_rate, eps, clip_threshold, seed
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ConfigError
 from .optimizer import LowRankOptimizer, build
 from .projectors import make_projector
 from .transforms import make_inner
@@ -24,6 +25,8 @@ def make(cls, method: str, model_or_named_parameters, *, lr: float, rank: int, u
          projector: str, inner: str, targets, rotate_moments: bool, weight_decay: float, nonfinite: str,
          layerwise: bool, accumulation_steps: int, seed: int, projector_options: dict | None,
          inner_options: dict, extra: dict | None = None, plain_inner: str | None = None) -> LowRankOptimizer:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"{method}: seed must be a non-negative int, got {seed!r}")
     inner_t = _inner(inner, inner_options)
     plain_t = inner_t if plain_inner in (None, inner) else _inner(plain_inner, {})
     proj = make_projector(projector, rank, seed=seed, **(projector_options or {}))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, LowRankError, ShapeError, TargetError
-from .transforms import Factored, Transform, flatten_state, load_state, nbytes
+from .transforms import Factored, Transform, check_positive, flatten_state, load_state, nbytes
 
 
 class NonFiniteGradientError(LowRankError, FloatingPointError):
@@ -28,7 +28,7 @@ class NonFiniteGradientError(LowRankError, FloatingPointError):
 
 # keys of a param group that define the *shape* of its state; loading a state dict saved with
 # different values is refused (the tensors would not fit or would mean something else)
-COMPAT_KEYS = ("method", "inner", "rank", "projector")
+COMPAT_KEYS = ("method", "inner", "rank", "projector", "update_gap", "scale")
 
 
 def _chunks(params: list[Tensor], numel: int):
@@ -75,6 +75,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if layerwise:
             for p in self._index:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._layerwise_hook))
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "_transforms"):  # torch's __init__ adds the groups given at construction
+            raise ConfigError("a low-rank optimizer's groups are fixed at construction (each has its transform); "
+                              "build a new optimizer to add parameters")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ stepping
     def name_of(self, p: Tensor) -> str:
@@ -228,6 +234,10 @@ def _named(model_or_named) -> tuple[list[tuple[str, Tensor]], set[int], dict[str
     else:
         named = []
         for i, x in enumerate(model_or_named):
+            if isinstance(x, dict):
+                raise ConfigError(
+                    "low-rank optimizers take a model, its named_parameters() or a list of parameters, not "
+                    "torch-style param-group dicts: choose the projected weights with targets=[...]")
             named.append(x if isinstance(x, tuple) else (f"param{i}", x))
     seen: set[int] = set()
     uniq = []
@@ -283,9 +293,13 @@ def build(model_or_named, *, method: str, lr: float, rank: int, transform: Trans
     """Validate everything, then build a :class:`LowRankOptimizer` with a plain and a projected group."""
     if not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"{method}: rank must be a positive int, got {rank!r}")
-    if lr < 0:
-        raise ConfigError(f"{method}: lr must be >= 0, got {lr}")
+    check_positive(method, "lr", lr, allow_zero=True)
+    check_positive(method, "weight_decay", weight_decay, allow_zero=True)
     plain_np, proj_np = split_targets(model_or_named, targets)
+    if not proj_np:
+        raise TargetError(
+            f"{method}: no parameter is projected (the default targets are 2-D weights inside numbered "
+            "blocks, found by name): pass the model or its named_parameters(), or targets=[...]")
     for n, p in proj_np:
         if rank > min(p.shape):
             raise ShapeError(f"{n}: rank {rank} exceeds min(m, n) = {min(p.shape)} of its shape {tuple(p.shape)}")

@@ -357,6 +357,8 @@ def q_galore(model_or_named_parameters, lr: float = 1e-3, rank: int = 128, updat
     Other options as :func:`lowrank.optim.galore`.
     """
     from .galore import galore
+    if "projector" in options:
+        raise ConfigError("q_galore fixes projector='int4' (choose the basis it quantises with base=...)")
     if weight_bits not in (None, 8):
         raise ConfigError(f"q_galore: weight_bits must be None (weights in their own dtype) or 8, got {weight_bits!r}")
     if weight_bits is not None:

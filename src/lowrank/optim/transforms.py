@@ -25,6 +25,26 @@ from torch import Tensor
 
 from ..errors import ConfigError, UnknownNameError
 
+
+def check_positive(owner: str, key: str, value: Any, *, allow_zero: bool = False) -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); ConfigError naming ``key`` otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{owner}: {key} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return float(value)
+
+
+def check_betas(owner: str, betas: Any) -> tuple[float, float]:
+    """Two coefficients in [0, 1); ConfigError naming ``betas`` otherwise."""
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}") from None
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ConfigError(f"{owner}: betas must be two numbers in [0, 1), got {tuple(betas)}")
+    return b1, b2
+
+
 # --------------------------------------------------------------------------------------
 # typed state: flatten to / load from the flat dicts torch.optim's state_dict carries
 
@@ -215,9 +235,7 @@ class AdamW(Inner):
 
     def __init__(self, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
                  bias_correction: bool = True, eps_convention: str = "torch"):
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ConfigError(f"adamw: betas must lie in [0, 1), got {tuple(betas)}")
+        b1, b2 = check_betas("adamw", betas)
         if eps < 0:
             raise ConfigError(f"adamw: eps must be >= 0, got {eps}")
         if eps_convention not in ("torch", "hf"):
@@ -277,6 +295,7 @@ class Adafactor(Inner):
                  beta1: float | None = None):
         if decay_rate >= 0:
             raise ConfigError(f"adafactor: decay_rate must be < 0, got {decay_rate}")
+        check_positive("adafactor", "clip_threshold", clip_threshold)
         self.decay_rate, self.eps, self.clip, self.beta1 = decay_rate, eps, clip_threshold, beta1
 
     def init(self, p, index=0):
@@ -355,7 +374,7 @@ class Lion(Inner):
     name = "lion"
 
     def __init__(self, betas: Sequence[float] = (0.9, 0.99)):
-        self.b1, self.b2 = map(float, betas)
+        self.b1, self.b2 = check_betas("lion", betas)
 
     def init(self, p, index=0):
         return MomentumState(torch.zeros_like(p))

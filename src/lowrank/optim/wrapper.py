@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .projectors import Projector
-from .transforms import EmptyState, Factored, Inner, State, Transform
+from .transforms import EmptyState, Factored, Inner, State, Transform, check_positive
 
 NEVER = 2**62
 
@@ -62,6 +62,7 @@ class LowRank(Transform):
                  scale: float = 0.25, rotate_moments: bool = False):
         if not isinstance(update_gap, int) or update_gap < 1:
             raise ConfigError(f"update_gap must be a positive int, got {update_gap!r}")
+        check_positive("low-rank projection", "scale", scale)
         self.inner, self.projector = inner, projector
         self.rank, self.update_gap, self.scale, self.rotate_moments = rank, update_gap, float(scale), rotate_moments
 
