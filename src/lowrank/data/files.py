@@ -96,22 +96,12 @@ def _load_text(root: Path, files: list[Path], eval_fraction: float) -> TextCorpu
 
 
 def _rows(f: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
-    rows: list[dict] = []
-    if f.suffix.lower() == ".jsonl":
-        with f.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{i} is not valid JSON: {e}") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{f}:{i} is not a JSON object")
-                rows.append(obj)
-    else:
-        with f.open(encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh))
+    try:
+        rows = _read_records(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{f} does not parse as CSV: {e}") from None
     out = []
     for i, r in enumerate(rows, 1):
         for col in (text_column, label_column):
@@ -125,6 +115,31 @@ def _rows(f: Path, text_column: str, label_column: str) -> list[tuple[str, str]]
             continue
         out.append((str(text), str(label)))
     return out
+
+
+def _read_records(f: Path) -> list[dict]:
+    """The rows of a .jsonl (one JSON object a line) or .csv (header row) file."""
+    rows: list[dict] = []
+    if f.suffix.lower() == ".jsonl":
+        with f.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}:{i} is not valid JSON: {e}") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{f}:{i} is not a JSON object")
+                rows.append(obj)
+        return rows
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, f.stat().st_size + 1))  # one document may be a whole long text
+    try:
+        with f.open(encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh))
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _load_table(root: Path, files: list[Path], text_column: str, label_column: str, eval_fraction: float) -> LabelledTexts:

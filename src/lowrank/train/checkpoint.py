@@ -207,6 +207,8 @@ def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
         raise CheckpointError(f"checkpoint {path} has an unreadable tensor file (truncated?): {e}") from None
     if not isinstance(meta, dict) or "state" not in meta or "step" not in meta:
         raise CheckpointError(f"checkpoint {path}/state.json lacks 'step' or 'state'")
+    if not isinstance(meta["step"], int) or isinstance(meta["step"], bool) or meta["step"] < 0:
+        raise CheckpointError(f"checkpoint {path}/state.json: step must be a non-negative integer, got {meta['step']!r}")
     if meta.get("format_version", 1) > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {meta['format_version']}, newer than this lowrank")
     try:

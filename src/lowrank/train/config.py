@@ -20,9 +20,10 @@ TASK_DEFAULTS = {
     "pretrain": {"model": "llama-small", "data": "stdlib-text"},
 }
 
-#: fields that must match for --resume to continue a run (the rest may change between sessions)
+#: fields that must match for --resume to continue a run (the rest may change between sessions);
+#: steps too: the learning-rate schedule is laid out over them
 RESUME_FIELDS = (
-    "task", "model", "data", "method", "rank", "lr", "optimizer", "batch_size", "grad_accum", "seq_len",
+    "task", "model", "data", "method", "rank", "lr", "optimizer", "steps", "batch_size", "grad_accum", "seq_len",
     "seed", "method_options", "optimizer_options", "lr_schedule", "warmup_steps", "min_lr_ratio", "grad_clip",
     "text_column", "label_column", "eval_size",
 )
@@ -68,6 +69,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with task defaults filled in and every value checked (ConfigError names the field)."""
+        _check_field_types(self)
         c = dataclasses.replace(self, method_options=dict(self.method_options), optimizer_options=dict(self.optimizer_options))
         if c.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {c.task!r}")
@@ -103,6 +105,9 @@ class TrainConfig:
             raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {c.device!r}")
         if not c.out:
             raise ConfigError("out (the output directory) is required")
+        if c.optimizer_options and not c.optimizer:
+            raise ConfigError("optimizer_options apply to --optimizer; without it the recipe builds its own "
+                              "optimizer (its settings go in method_options)")
         return c
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,11 +133,34 @@ class TrainConfig:
         return cls.from_dict({**read_config_file(path), **overrides})
 
 
+_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "dict[str, Any]": (dict,)}
+_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+          "dict[str, Any]": "a table of options"}
+
+
+def _check_field_types(c: TrainConfig) -> None:
+    """Every field holds its declared type (a config file's ``overwrite = "false"`` is not true)."""
+    for f in dataclasses.fields(c):
+        v = getattr(c, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if v is None and "None" in kinds:
+            continue
+        kinds = [k for k in kinds if k != "None"]
+        allowed = tuple(t for k in kinds for t in _TYPES.get(k, (object,)))
+        bool_ok = "bool" in kinds
+        if not isinstance(v, allowed) or (isinstance(v, bool) and not bool_ok):
+            want = " or ".join(_NAMES.get(k, k) for k in kinds)
+            raise ConfigError(f"{f.name} must be {want}, got {v!r}")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read as UTF-8 text: {e}") from None
     try:
         if p.suffix.lower() == ".toml":
             import tomllib

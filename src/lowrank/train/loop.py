@@ -201,7 +201,7 @@ class Trainer:
                 f"method {c.method!r} is a {'/'.join(self.recipe.tasks)} recipe; it does not apply to task {c.task!r}"
             )
         self._optimizer_factory_name()  # an unknown --optimizer fails before anything loads
-        self._prepare_out_dir()
+        existing = self._check_out_dir()  # the directory is touched only once everything below has loaded
         # -- data and model ----------------------------------------------------------------------
         seed_everything(c.seed)
         raw = load_data(c.data, c.text_column, c.label_column)
@@ -231,25 +231,41 @@ class Trainer:
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self._baseline = {k: (id(t), t._version) for k, t in self.model.state_dict(keep_vars=True).items()}
+        self._prepare_out_dir(existing)
         self.step = 0
         self.micro_index = 0
         self.resumed_from: str | None = None
         self.setup_s = time.perf_counter() - t0
 
     # -- setup pieces -------------------------------------------------------------------------------
-    def _prepare_out_dir(self) -> None:
+    def _check_out_dir(self) -> list[str]:
+        """The run files already in --out (refused unless --resume / --overwrite); nothing is written."""
         c, out = self.config, self.out
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output directory {str(out)!r} is a file")
         existing = [p for p in ("metrics.jsonl", "checkpoints", "final", "summary.json") if (out / p).exists()]
-        if existing and not c.resume:
-            if not c.overwrite:
-                raise ConfigError(
-                    f"output directory {str(out)!r} already holds a run ({', '.join(existing)}); "
-                    "pass --resume to continue it, --overwrite to replace it, or choose another --out"
-                )
+        if existing and not c.resume and not c.overwrite:
+            raise ConfigError(
+                f"output directory {str(out)!r} already holds a run ({', '.join(existing)}); "
+                "pass --resume to continue it, --overwrite to replace it, or choose another --out"
+            )
+        if c.resume and c.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        parent = next((q for q in (out, *out.parents) if q.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"output directory {str(out)!r} cannot be created: {str(parent)!r} is not writable")
+        return existing
+
+    def _prepare_out_dir(self, existing: list[str]) -> None:
+        c, out = self.config, self.out
+        if existing and not c.resume:  # --overwrite, checked above
             for p in existing:
                 q = out / p
                 shutil.rmtree(q) if q.is_dir() else q.unlink()
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"output directory {str(out)!r} cannot be created: {e.strerror}") from None
 
     def _build(self) -> Prepared:
         c = self.config
@@ -300,7 +316,10 @@ class Trainer:
         name = self._optimizer_factory_name()
         if name == "adamw":
             params = [p for p in prepared.model.parameters() if p.requires_grad]
-            return torch.optim.AdamW(params, lr=lr, **c.optimizer_options)
+            try:
+                return torch.optim.AdamW(params, lr=lr, **c.optimizer_options)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"optimizer adamw: {e} (optimizer_options {c.optimizer_options!r})") from None
         from .. import optim as lro
 
         return getattr(lro, name)(prepared.model, lr=lr, **c.optimizer_options)
@@ -408,9 +427,12 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path}: the optimizer state does not fit this optimizer: {e}") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step, self.micro_index = int(state["step"]), int(state["micro_index"])
+        try:
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            self.step, self.micro_index = int(state["step"]), int(state["micro_index"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: its scheduler, random-generator or step state is corrupt: {e}") from None
         MetricsLog.truncate(self.out / "metrics.jsonl", self.step)
         self.resumed_from = str(path)
         return True
