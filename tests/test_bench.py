@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lowrank.bench import COLUMNS, DEFAULT_METHODS, resolve_methods, run_bench
 from lowrank.cli import _load_commands, app
-from lowrank.errors import ConfigError, UnknownNameError
+from lowrank.errors import ConfigError, LowRankError, UnknownNameError
 
 _load_commands()
 
@@ -59,3 +59,19 @@ def test_bench_rejects_bad_method_lists_before_running():
         resolve_methods("pretrain", ["head"])
     run, skipped = resolve_methods("finetune", None)
     assert run and set(run) | set(skipped) == set(DEFAULT_METHODS["finetune"]) and "full" in run
+    with pytest.raises(ConfigError, match="names no method"):
+        resolve_methods("pretrain", [])
+    with pytest.raises(ConfigError, match="listed twice"):
+        resolve_methods("pretrain", ["lora", "lora"])
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"method_options": {"dora": {"alpha": 16}}}, "'dora', not among --methods"),
+    ({"model": "nosuch"}, "neither a built-in model"),
+    ({"data": "nosuch.txt"}, "does not exist"),
+])
+def test_bench_checks_inputs_before_running(tmp_path, kw, match):
+    out = tmp_path / "b"
+    with pytest.raises(LowRankError, match=match):
+        run_bench(task="pretrain", methods=["lora"], steps=1, out=str(out), **kw)
+    assert not out.exists()

@@ -125,6 +125,18 @@ def _trained_in_full(model: nn.Module) -> list[str]:
     return out
 
 
+def check_model_name(name: str) -> Path | None:
+    """A built-in model (None) or the path of a local checkpoint directory; ConfigError otherwise."""
+    if name in _LLAMA or name == "minilm":
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor an existing path")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model directory {str(path)!r} has no config.json (not a Hugging Face checkpoint)")
+    return path
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -162,13 +174,7 @@ def load_model(
             if name == "minilm":
                 path = minilm_path()
             else:
-                path = Path(name).expanduser()
-                if not path.exists():
-                    raise ConfigError(
-                        f"model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor an existing path"
-                    )
-                if not (path / "config.json").is_file():
-                    raise ConfigError(f"model directory {str(path)!r} has no config.json (not a Hugging Face checkpoint)")
+                path = check_model_name(name)
             config = AutoConfig.from_pretrained(str(path), local_files_only=True)
             if objective == "lm":
                 archs = getattr(config, "architectures", None) or []
@@ -219,4 +225,4 @@ def load_model(
     return LoadedModel(model, tokenizer, name, objective, pretrained, _max_positions(config), heads)
 
 
-__all__ = ["BUILTIN_MODELS", "load_model", "LoadedModel", "SequenceClassifier", "llama_config", "minilm_path"]
+__all__ = ["BUILTIN_MODELS", "check_model_name", "load_model", "LoadedModel", "SequenceClassifier", "llama_config", "minilm_path"]

@@ -79,14 +79,17 @@ class BenchResult:
 
 def resolve_methods(task: str, methods: list[str] | None) -> tuple[list[str], list[str]]:
     """The methods to run (checked now, before anything trains) and the default ones skipped."""
-    if methods:
+    if methods is not None:
+        if not methods:
+            raise ConfigError("--methods names no method (leave it out for the default set)")
         out = []
         for m in methods:
             r = get_recipe(m)  # UnknownNameError with suggestions
             if task not in r.tasks:
                 raise ConfigError(f"method {m!r} is a {'/'.join(r.tasks)} recipe; it does not apply to task {task!r}")
-            if m not in out:
-                out.append(m)
+            if m in out:
+                raise ConfigError(f"method {m!r} is listed twice in --methods")
+            out.append(m)
         return out, []
     known = set(recipes())
     run, skipped = [], []
@@ -98,10 +101,34 @@ def resolve_methods(task: str, methods: list[str] | None) -> tuple[list[str], li
     return run, skipped
 
 
+def _per_method(options: dict[str, Any]) -> bool:
+    """``--method-options`` given per method ({"dora": {...}, ...}) rather than for every method."""
+    known = set(recipes())
+    return bool(options) and all(k in known and isinstance(v, dict) for k, v in options.items())
+
+
 def _options_for(method: str, methods: list[str], options: dict[str, Any]) -> dict[str, Any]:
-    if options and all(k in methods and isinstance(v, dict) for k, v in options.items()):
+    if _per_method(options):
         return dict(options.get(method, {}))
     return dict(options)
+
+
+def check_inputs(cfg: "BenchConfig", methods: list[str]) -> None:
+    """What can be checked before any method trains: per-method options, model, data, --out."""
+    from ..data import check_data_name
+    from ..models import check_model_name
+
+    if _per_method(cfg.method_options):
+        stray = sorted(set(cfg.method_options) - set(methods))
+        if stray:
+            raise ConfigError(f"--method-options name {', '.join(map(repr, stray))}, not among --methods ({', '.join(methods)})")
+    if cfg.model is not None:
+        check_model_name(cfg.model)
+    if cfg.data is not None:
+        check_data_name(cfg.data)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {str(out)!r} is a file")
 
 
 def train_config(cfg: BenchConfig, method: str, methods: list[str]) -> TrainConfig:
@@ -202,6 +229,7 @@ def run_bench(config: BenchConfig | None = None, **overrides: Any) -> BenchResul
     methods, skipped = resolve_methods(cfg.task, cfg.methods)
     if not methods:
         raise ConfigError(f"no method to run for task {cfg.task!r}")
+    check_inputs(cfg, methods)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

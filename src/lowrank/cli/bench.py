@@ -40,7 +40,7 @@ def bench_cmd(
     from ..bench.report import table_columns, table_rows
     from ..train import parse_options
 
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
     cfg = BenchConfig(
         out=out, task=task, methods=names, model=model, data=data, steps=steps, batch_size=batch_size,
         seq_len=seq_len, seed=seed, rank=rank, method_options=parse_options(method_options),

@@ -37,14 +37,19 @@ def load_data(
     name = str(name_or_path)
     if name in BUILTIN_DATA:
         return BUILTIN_DATA[name][0]()
+    return load_path(check_data_name(name), text_column, label_column)
+
+
+def check_data_name(name: str) -> Path | None:
+    """A built-in dataset (None) or an existing path; DataError otherwise."""
+    if name in BUILTIN_DATA:
+        return None
     p = Path(name).expanduser()
     if p.exists():
-        return load_path(p, text_column, label_column)
+        return p
     if "/" in name or p.suffix:
         raise DataError(f"data path {name!r} does not exist")
-    raise DataError(
-        f"data {name!r} is neither a built-in dataset ({', '.join(BUILTIN_DATA)}) nor an existing path"
-    )
+    raise DataError(f"data {name!r} is neither a built-in dataset ({', '.join(BUILTIN_DATA)}) nor an existing path")
 
 
 def load_task(
@@ -69,6 +74,7 @@ def load_task(
 
 __all__ = [
     "BUILTIN_DATA",
+    "check_data_name",
     "load_data",
     "load_task",
     "TextCorpus",
