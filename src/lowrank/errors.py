@@ -21,7 +21,8 @@ class UnknownNameError(LowRankError, KeyError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str]):
         known = sorted(known)
-        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+        same_letters = [k for k in known if k.lower() == str(name).lower()]  # "LoRA" -> "lora"
+        close = same_letters or difflib.get_close_matches(str(name).lower(), known, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         msg = f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(known)}."
         super().__init__(msg)

@@ -109,6 +109,11 @@ def test_cli_methods_and_info():
         assert name in out.output
     info = runner.invoke(app, ["info", "dora"])
     assert info.exit_code == 0 and "Weight-Decomposed" in info.output and "r * (in + out) + out" in info.output
+    assert "relora" in out.output and "galore" in out.output  # the training recipes are listed too
+    info = runner.invoke(app, ["info", "relora"])
+    assert info.exit_code == 0 and "schedule recipe" in info.output and "every=100" in info.output
+    info = runner.invoke(app, ["info", "LoRA"])
+    assert isinstance(info.exception, lowrank.UnknownNameError) and "Did you mean 'lora'?" in str(info.exception)
 
 
 def test_cli_entry_point_reports_errors_with_exit_2():

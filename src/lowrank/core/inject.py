@@ -167,7 +167,8 @@ def plan_adapters(
         close = {u: difflib.get_close_matches(u, list(known), n=1) for u in unknown}
         hints = ", ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for u, c in close.items())
         raise ConfigError(
-            f"method {method_cls.name!r} has no option {hints}; its options are: {', '.join(known) or 'none'}"
+            f"method {method_cls.name!r} has no option {hints}; its own options are: {', '.join(known) or 'none'} "
+            "(besides rank, alpha, dropout, init, targets and exclude, which every method takes)"
         )
     for key, value in options.items():
         _check_option_type(method_cls.name, key, value, known[key].default)
