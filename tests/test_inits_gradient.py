@@ -190,6 +190,24 @@ def test_missing_or_bad_calibration_names_the_init_and_changes_nothing(init):
         torch.testing.assert_close(run_model(model, "llama", x), before, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("init", ["lora-ga", "lora-sb", "fisher"])
+def test_a_target_the_loss_never_reaches_is_refused(init):
+    model = tiny_llama()
+    # a loss on the hidden state after the first block: the second block's q_proj gets no gradient
+    cal = [{"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))}]
+    lf = lambda m, b: m(**b, output_hidden_states=True).hidden_states[1].pow(2).mean()
+    with pytest.raises(lowrank.CalibrationError, match=rf"init '{init}'.*does not reach 'model.layers.1.self_attn.q_proj'"):
+        lowrank.adapt(model, "lora", rank=2, targets=["q_proj"], init=init, calibration=cal,
+                      init_options={"loss_fn": lf})
+    assert not any(isinstance(m, lowrank.AdaptedLayer) for m in model.modules())
+
+
+def test_a_failing_loss_fn_is_a_calibration_error():
+    with pytest.raises(lowrank.CalibrationError, match="loss_fn failed on calibration batch 0: AttributeError"):
+        lowrank.adapt(tiny_llama(), "lora", rank=2, targets=["q_proj"], init="lora-ga", calibration=_batches(),
+                      init_options={"loss_fn": lambda m, b: m(**b).nope})
+
+
 def test_a_model_without_loss_needs_loss_fn():
     with pytest.raises(lowrank.CalibrationError, match="loss_fn"):
         lowrank.adapt(tiny_mlp(), "lora", rank=4, init="lora-ga", calibration=[{"input": torch.randn(4, 32)}])

@@ -137,3 +137,25 @@ def test_files_without_the_saved_part_rerun_a_deterministic_init_and_refuse_a_ca
     with pytest.raises(lowrank.AdapterLoadError, match="lora-ga"):
         lowrank.load_adapter(fresh, tmp_path / "g")
     assert not any(isinstance(m, lowrank.AdaptedLayer) for m in fresh.modules())
+
+
+@pytest.mark.parametrize("init", ["gaussian", "eva"])
+def test_inits_that_leave_w_alone_save_in_peft_layout(init, tmp_path):
+    model = _adapted("lora", init)
+    lowrank.save_adapter(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+
+
+def test_an_init_that_rewrites_w_refuses_a_layer_with_adapters(tmp_path):
+    model = tiny_llama()
+    lowrank.adapt(model, "lora", rank=2, targets=TARGETS, name="first")
+    _perturb(model)
+    before = _out(model)
+    with pytest.raises(lowrank.ConfigError, match="rewrites the base weight.*first"):
+        lowrank.adapt(model, "lora", rank=4, targets=TARGETS, init="pissa", name="second")
+    torch.testing.assert_close(_out(model), before, atol=0, rtol=0)
+    lowrank.save_adapter(_adapted("lora", "pissa"), tmp_path / "p")
+    with pytest.raises(lowrank.AdapterLoadError, match="already carries adapters"):
+        lowrank.load_adapter(model, tmp_path / "p", name="second")
+    torch.testing.assert_close(_out(model), before, atol=0, rtol=0)

@@ -185,6 +185,11 @@ def plan_adapters(
                 raise AlreadyAdaptedError(f"module {path!r} already has an adapter named {name!r}")
             if mod.merged:
                 raise AlreadyAdaptedError(f"module {path!r} has merged adapters; unmerge before adding {name!r}")
+            if init is not None and init.modifies_base and mod.adapters:
+                raise ConfigError(
+                    f"init {init.name!r} rewrites the base weight of {path!r}, under the adapters already there "
+                    f"({', '.join(mod.adapters)}), which would change what they compute; adapt a fresh model"
+                )
             base = mod.base
         else:
             base = BaseLayer(mod)

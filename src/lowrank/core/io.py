@@ -91,7 +91,8 @@ def adapter_config(model: nn.Module, name: str = "default", record: dict[str, An
             transposed |= isinstance(layer.base_layer, Conv1D)
     cfg: dict[str, Any] = {}
     peft = cls.peft_config(rec["rank"], rec["alpha"], rec["options"])
-    if peft is not None and rec["init"] in (None, "lora", "kaiming"):
+    base_untouched = rec["init"] in (None, "lora") or not get_init(rec["init"]).modifies_base
+    if peft is not None and base_untouched:  # a plain adapter on the original W: PEFT's own layout
         cfg.update(
             {
                 "lora_dropout": rec["dropout"],
@@ -400,6 +401,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     remaining = dict(tensors)
     if has_delta:  # rebuild the residual base W - P Q from the recorded part
         for p in planned:
+            if isinstance(p.module, AdaptedLayer) and p.module.adapters:
+                raise AdapterLoadError(
+                    f"{where}: the adapter moved part of the base weight of {p.path!r} into itself (init "
+                    f"{recipe.get('init')!r}), but that layer already carries adapters ({', '.join(p.module.adapters)}) "
+                    "whose outputs would change; load it into a fresh model, or save it with convert_to_lora=True"
+                )
             kl, kr = f"{PREFIX}{p.path}.{_DELTA_LEFT}", f"{PREFIX}{p.path}.{_DELTA_RIGHT}"
             if kl not in remaining or kr not in remaining:
                 raise AdapterLoadError(f"{where}: key {kl!r} is missing from {WEIGHTS_NAME}")

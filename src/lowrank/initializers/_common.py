@@ -187,8 +187,11 @@ def batch_loss(model: nn.Module, batch: Any, init: str, i: int, loss_fn: LossFn 
     if loss_fn is not None:
         try:
             loss = loss_fn(model, batch)
-        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as e:
-            raise CalibrationError(f"init {init!r}: loss_fn failed on calibration batch {i}: {e}") from None
+        except CalibrationError:
+            raise
+        except Exception as e:  # the user's own function: whatever it raised, name it and the batch
+            raise CalibrationError(f"init {init!r}: loss_fn failed on calibration batch {i}: "
+                                   f"{type(e).__name__}: {e}") from None
     else:
         extra = {}
         if isinstance(batch, Mapping) and "labels" not in batch and "input_ids" in batch and _accepts_labels(model):
@@ -223,6 +226,7 @@ def weight_gradients(
     weights = {path: b.module.weight for path, b in layers.items()}
     saved_grads = {path: w.grad for path, w in weights.items()}
     sums: dict[str, torch.Tensor] = {}
+    reached: set[str] = set()
     try:
         for p in params:
             p.requires_grad_(False)
@@ -239,6 +243,8 @@ def weight_gradients(
                     g = w.grad
                     if g is None:
                         g = torch.zeros_like(w)
+                    else:
+                        reached.add(path)
                     g = g.detach().to(work_dtype(w))
                     if layers[path].transposed:
                         g = g.T
@@ -250,6 +256,12 @@ def weight_gradients(
             p.requires_grad_(f)
         for path, w in weights.items():
             w.grad = saved_grads[path]
+    missing = [p for p in layers if p not in reached]
+    if missing:  # its adapter would start from a zero gradient: no direction to align with
+        raise CalibrationError(
+            f"init {init!r}: the calibration loss does not reach {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more target(s))" if len(missing) > 1 else "")
+            + "; leave it out of the targets or use a loss that depends on it")
     return {p: g / len(batches) for p, g in sums.items()}
 
 
