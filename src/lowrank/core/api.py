@@ -151,7 +151,11 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: adapters are skipped (merged ones are unmerged for the duration)."""
+    """Run the base model: adapters are skipped (merged ones are unmerged for the duration).
+
+    After an init that moved part of W into the adapter (PiSSA, MiLoRA, OLoRA, LoRA-GA, ...) the
+    base layer holds the residual W, so this runs the residual model (as PEFT does).
+    """
     layers = [layer for _, layer in adapted_layers(model)]
     remerge = {id(layer): list(layer.merged) for layer in layers}
     was = {id(layer): layer.disabled for layer in layers}
@@ -168,7 +172,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
-    """Give back a plain model: merge the active adapters (unless told not to) and drop all wrappers."""
+    """Give back a plain model: merge the active adapters (unless told not to) and drop all wrappers.
+
+    With ``merge_adapters=False`` the base layers are returned as they are: after a PiSSA-like init
+    that is the residual W (save the adapter with ``convert_to_lora=True`` to keep the original W usable).
+    """
     layers = list(adapted_layers(model))
     if merge_adapters:
         merge(model)
