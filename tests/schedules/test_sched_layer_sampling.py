@@ -87,11 +87,15 @@ def test_layer_sampling_bad_input_and_resume():
     with pytest.raises(lowrank.ConfigError, match="interval"):
         LISA(interval=0)
     s = LISA(n_layers=2, interval=3, seed=1)
+    with pytest.raises(lowrank.ConfigError, match="call attach"):  # the first sample must precede step 1
+        s.step(model, opt, 0)
+    s.attach(model, opt)
     for t in range(7):
         s.step(model, opt, t)
     state = s.state_dict()
     r = LISA(n_layers=2, interval=3, seed=99)
     r.load_state_dict(state)
+    r.attach(model, opt)
     for t in range(7, 13):
         s.step(model, opt, t)
         r.step(model, opt, t)

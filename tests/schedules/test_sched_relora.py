@@ -72,6 +72,7 @@ def test_restart_merges_the_effective_weight_and_handles_state(mode):
 def test_many_restarts_reach_beyond_rank_r():
     model, opt = _setup()
     sched = ReLoRA(every=2, optimizer_reset="reset", manage_lr=False)
+    sched.attach(model, opt)
     w0 = {p: l.base.weight.detach().clone() for p, l in lowrank.adapted_layers(model)}
     for s in range(8):
         _step(model, opt, s)
@@ -118,6 +119,7 @@ def test_relora_without_factor_adapters_is_an_error():
 def test_resume_restores_and_missing_state_is_an_error():
     model, opt = _setup()
     sched = ReLoRA(every=3, manage_lr=False)
+    sched.attach(model, opt)
     for s in range(4):
         _step(model, opt, s)
         sched.step(model, opt, s)

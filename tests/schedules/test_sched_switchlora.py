@@ -87,6 +87,7 @@ def test_resume_continues_exactly():
     lowrank.adapt(model, "lora", rank=4)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     sched = SwitchLoRA(total_steps=100, interval=4.0, freeze_steps=2, seed=1)
+    sched.attach(model, opt)
     run(model, opt, sched, range(3))
     # a checkpoint: copies of the model, optimizer and schedule state
     model2 = copy.deepcopy(model)

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import AdapterNotFoundError, ConfigError, TargetError
+from ..errors import AdapterNotFoundError, ConfigError, MergeError, TargetError
 from ..registry import get_init, get_method
 from .init import Init
 from .inject import _set_submodule, adapted_layers, adapter_names, commit_adapters, mark_trainable, plan_adapters
@@ -134,9 +134,11 @@ def active_adapters(model: nn.Module) -> list[str]:
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the base weights (forward then skips them)."""
     layers = list(adapted_layers(model))
-    for _, layer in layers:  # check first so a refusal changes nothing
-        for n in layer.active:
-            layer.adapters[n].check_mergeable()
+    for path, layer in layers:  # check first so a refusal changes nothing
+        try:
+            layer.check_mergeable([n for n in layer.active if n not in layer.merged])
+        except MergeError as e:
+            raise MergeError(f"module {path!r}: {e}") from None
     for _, layer in layers:
         layer.merge()
     return model

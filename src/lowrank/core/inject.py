@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -155,8 +156,9 @@ def plan_adapters(
     """Build every adapter detached from the model; nothing in the model changes here."""
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\"):
         raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
-        raise ConfigError(f"alpha must be a number or None, got {alpha!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise ConfigError(f"alpha must be a finite number > 0 (or None for the method's default), got {alpha!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
@@ -185,6 +187,12 @@ def plan_adapters(
                 raise AlreadyAdaptedError(f"module {path!r} already has an adapter named {name!r}")
             if mod.merged:
                 raise AlreadyAdaptedError(f"module {path!r} has merged adapters; unmerge before adding {name!r}")
+            replacing = [n for n, a in mod.adapters.items() if a.replaces_base]
+            if method_cls.replaces_base and replacing:
+                raise AlreadyAdaptedError(
+                    f"module {path!r} is already parameterised by adapter {replacing[0]!r}; a second full-weight "
+                    f"parameterisation ({method_cls.name!r}) cannot share it"
+                )
             if init is not None and init.modifies_base and mod.adapters:
                 raise ConfigError(
                     f"init {init.name!r} rewrites the base weight of {path!r}, under the adapters already there "

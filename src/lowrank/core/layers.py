@@ -179,13 +179,23 @@ class AdaptedLayer(nn.Module):
         return adapter(xa, base_out, self.base)
 
     # -- merging ---------------------------------------------------------------------------
+    def check_mergeable(self, names: list[str]) -> None:
+        """MergeError if ``names`` cannot be folded into this layer's weight."""
+        w = self.base.weight
+        if names and w is not None and w.dim() > 0 and all(st == 0 for st in w.stride()):
+            from ..errors import MergeError
+
+            raise MergeError("this layer's base weight was released (release_base_weights: no storage of its "
+                             "own), so there is nothing to merge into; save with plain_state_dict instead")
+        for name in names:
+            self.adapters[name].check_mergeable()
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         todo = [n for n in (names if names is not None else self.active) if n not in self.merged]
         if not todo:
             return
-        for name in todo:
-            self.adapters[name].check_mergeable()
+        self.check_mergeable(todo)
         base = self.base
         if not self.merged and len(todo) == 1:
             adapter = self.adapters[todo[0]]

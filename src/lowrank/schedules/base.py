@@ -3,7 +3,8 @@
 A schedule is a plain object driven by the training loop (``lowrank train`` or your own):
 
     sched = ReLoRA(every=500)
-    sched.attach(model, optimizer)          # optional: validate and set up now (else on first step)
+    sched.attach(model, optimizer)          # before the first optimizer step (and after load_state_dict);
+                                            # schedules with sets_up_next_step refuse to step without it
     for batch in data:
         loss.backward(); optimizer.step(); optimizer.zero_grad()
         sched.step(model, optimizer, step)  # after every optimizer step
@@ -14,17 +15,38 @@ does not depend on whether the loop numbers its steps from 0 or 1.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+
+
+def check_int(owner: str, key: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    """ConfigError naming ``key`` unless ``value`` is an int >= ``minimum`` (or None when optional)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{owner} option {key!r} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_real(owner: str, key: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
+    """``value`` as a float in [low, high] ((low, high] with ``open_low``); ConfigError naming ``key``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > high or value < low or (open_low and value == low):
+        span = f"{'(' if open_low else '['}{low}, {high}]" if math.isfinite(high) else f"{'>' if open_low else '>='} {low}"
+        raise ConfigError(f"{owner} option {key!r} must be a finite number {'in ' if math.isfinite(high) else ''}{span}, got {value!r}")
+    return float(value)
 
 
 class Schedule:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    #: attach prepares the coming optimizer step (so it must run before it; step() then refuses a
+    #: schedule that was never attached instead of attaching it one step late)
+    sets_up_next_step: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.t = 0  # optimizer steps seen
@@ -37,6 +59,13 @@ class Schedule:
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int | None = None) -> None:
         if not self._attached:
+            if self.sets_up_next_step:
+                # its attach prepares the optimizer step about to run (a warm-up LR, first draws or
+                # samples): attached only now, after that step, the schedule would run one step late
+                from ..errors import ConfigError
+
+                raise ConfigError(f"schedule {self.name!r}: call attach(model, optimizer) before the first "
+                                  "optimizer step (and again after load_state_dict)")
             self.attach(model, optimizer)
         self.t += 1
         self.on_step(model, optimizer)
@@ -62,9 +91,19 @@ class Schedule:
         missing = [k for k in self.state_keys if k not in state]
         if missing:
             raise CheckpointError(f"schedule {self.name!r}: checkpoint state lacks {', '.join(missing)}")
-        self.t = int(state["t"])
-        self.load_extra_state(state)
-        self._attached = False  # re-apply on the next step (or an explicit attach)
+        before = dict(self.__dict__)  # a state that fails part-way leaves the schedule as it was
+        try:
+            self.t = int(state["t"])
+            self.load_extra_state(state)
+        except CheckpointError:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise CheckpointError(f"schedule {self.name!r}: the checkpoint's state is corrupt: {type(e).__name__}: {e}") from None
+        self._attached = False  # re-apply at the next attach
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass

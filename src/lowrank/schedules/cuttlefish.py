@@ -33,7 +33,7 @@ from ..core.inject import adapted_layers, commit_adapters, plan_adapters, resolv
 from ..core.layers import AdaptedLayer, BaseLayer
 from ..errors import ConfigError
 from ..registry import get_method
-from .base import Schedule
+from .base import Schedule, check_int, check_real
 
 ADAPTER = "cuttlefish"
 
@@ -60,8 +60,10 @@ class Cuttlefish(Schedule):
         release_base: bool = True,
     ):
         super().__init__()
-        if check_every < 1 or not tol > 0:
-            raise ConfigError(f"cuttlefish needs check_every >= 1 and tol > 0, got {check_every!r}, {tol!r}")
+        check_int("cuttlefish", "check_every", check_every, 1)
+        check_int("cuttlefish", "max_full_steps", max_full_steps, 0, optional=True)
+        check_int("cuttlefish", "min_full_steps", min_full_steps, 0)
+        check_real("cuttlefish", "tol", tol, 0.0, open_low=True)
         self.check_every, self.tol = check_every, float(tol)
         self.max_full_steps, self.min_full_steps = max_full_steps, min_full_steps
         self.targets, self.exclude, self.release_base = targets, exclude, release_base

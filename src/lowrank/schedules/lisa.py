@@ -19,19 +19,19 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Schedule, find_blocks, generator_state
+from .base import Schedule, check_int, find_blocks, generator_state
 
 
 class LISA(Schedule):
     name = "lisa"
+    sets_up_next_step = True
     paper = "LISA: Layerwise Importance Sampling for Memory-Efficient Large Language Model Fine-Tuning (Pan et al., 2024), arXiv:2403.17919"
 
     def __init__(self, n_layers: int = 2, interval: int = 20, *, seed: int = 0):
         super().__init__()
-        if not isinstance(n_layers, int) or n_layers < 1:
-            raise ConfigError(f"{self.name} option 'n_layers' must be a positive integer, got {n_layers!r}")
-        if not isinstance(interval, int) or interval < 1:
-            raise ConfigError(f"{self.name} option 'interval' must be a positive integer, got {interval!r}")
+        check_int(self.name, "n_layers", n_layers, 1)
+        check_int(self.name, "interval", interval, 1)
+        check_int(self.name, "seed", seed, 0)
         self.n_layers, self.interval = n_layers, interval
         self.g = torch.Generator().manual_seed(seed)
         self.active: list[int] = []

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.layers import LINEAR_TYPES, BaseLayer
 from ..errors import ConfigError
+from .base import check_real
 from .lisa import LISA
 
 
@@ -50,8 +51,7 @@ class OwLore(LISA):
         seed: int = 0,
     ):
         super().__init__(n_layers, interval, seed=seed)
-        if not outlier_threshold > 0:
-            raise ConfigError(f"owlore option 'outlier_threshold' must be positive, got {outlier_threshold!r}")
+        check_real("owlore", "outlier_threshold", outlier_threshold, 0.0, open_low=True)
         self.outlier_threshold = float(outlier_threshold)
         self.input_norms = input_norms or {}
         self._blocks: nn.ModuleList | None = None

@@ -27,7 +27,7 @@ from torch import nn
 from ..core.adapter import FactorAdapter
 from ..core.inject import adapted_layers
 from ..errors import ConfigError
-from .base import Schedule
+from .base import Schedule, check_int, check_real
 
 
 def relora_lr_lambda(
@@ -109,6 +109,7 @@ def prune_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mo
 
 class ReLoRA(Schedule):
     name = "relora"
+    sets_up_next_step = True
     paper = "ReLoRA: High-Rank Training Through Low-Rank Updates (Lialin et al., 2023), arXiv:2307.05695"
 
     def __init__(
@@ -125,8 +126,12 @@ class ReLoRA(Schedule):
         manage_lr: bool = True,
     ):
         super().__init__()
-        if not isinstance(every, int) or every < 1:
-            raise ConfigError(f"relora option 'every' must be a positive integer, got {every!r}")
+        check_int("relora", "every", every, 1)
+        check_int("relora", "total_steps", total_steps, 1, optional=True)
+        check_int("relora", "warmup_steps", warmup_steps, 0)
+        check_int("relora", "restart_warmup_steps", restart_warmup_steps, 0)
+        check_real("relora", "min_lr_ratio", min_lr_ratio, 0.0, 1.0)
+        check_real("relora", "prune_ratio", prune_ratio, 0.0, 1.0)
         if optimizer_reset not in ("prune", "prune-joint", "reset", "none"):
             raise ConfigError(
                 "relora option 'optimizer_reset' must be 'prune', 'prune-joint', 'reset' or 'none', "

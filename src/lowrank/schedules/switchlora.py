@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core.adapter import FactorAdapter
 from ..errors import ConfigError
-from .base import Schedule, generator_state
+from .base import Schedule, check_int, check_real, generator_state
 from .relora import factor_adapters
 
 
@@ -72,6 +72,7 @@ class _LayerState:
 
 class SwitchLoRA(Schedule):
     name = "switchlora"
+    sets_up_next_step = True
     paper = "SwitchLoRA: Switched Low-Rank Adaptation Can Learn Full-Rank Information (Zhou et al., 2024), arXiv:2406.06564"
 
     def __init__(
@@ -86,6 +87,12 @@ class SwitchLoRA(Schedule):
         seed: int = 0,
     ):
         super().__init__()
+        check_int("switchlora", "total_steps", total_steps, 1)
+        check_int("switchlora", "freeze_steps", freeze_steps, 0)
+        check_int("switchlora", "n_candidates", n_candidates, 1, optional=True)
+        check_int("switchlora", "seed", seed, 0)
+        check_real("switchlora", "interval", interval, 0.0, open_low=True)
+        check_real("switchlora", "descent_rate", descent_rate, 0.0, 1.0, open_low=True)
         if interval < 2 * max(freeze_steps, 1):
             raise ConfigError(f"switchlora option 'interval'={interval} must be at least 2 x freeze_steps ({freeze_steps})")
         if not 0.0 < descent_rate <= 1.0 or total_steps < 1:
