@@ -141,8 +141,8 @@ class SwitchLoRA(Schedule):
                 self.layers[path].load(self._pending.pop(path))
             st = self.layers[path]
             # frozen vectors get no gradient (Adam then leaves them, their moments being zero)
-            self._hooks.append(a.A.register_hook(lambda g, st=st: g * (st.frozen_A == 0).to(g.dtype)[:, None]))
-            self._hooks.append(a.B.register_hook(lambda g, st=st: g * (st.frozen_B == 0).to(g.dtype)[None, :]))
+            self._hooks.append(a.A.register_hook(lambda g, st=st: g * (st.frozen_A == 0).to(g.device, g.dtype)[:, None]))
+            self._hooks.append(a.B.register_hook(lambda g, st=st: g * (st.frozen_B == 0).to(g.device, g.dtype)[None, :]))
         super().attach(model, optimizer)
 
     @torch.no_grad()
