@@ -319,6 +319,24 @@ def test_parameterise_trains_everything_else_frees_dense_and_saves_plain(method)
         torch.testing.assert_close(fresh(input_ids=ids).logits, out, atol=1e-5, rtol=0)
 
 
+def test_plain_state_dict_of_stacked_updates_matches_the_forward():
+    """Each live update is taken against W0 and added, as in forward (DoRA's update depends on W0)."""
+    model = tiny_llama()
+    lowrank.adapt(model, "lora", rank=2)
+    lowrank.adapt(model, "dora", rank=2, name="second")
+    lowrank.set_active(model, ["default", "second"])
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, p in lowrank.trainable_parameters(model):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        ids = _ids(3)
+        out = model(input_ids=ids).logits
+    fresh = tiny_llama(seed=5)
+    fresh.load_state_dict(plain_state_dict(model))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, out, atol=1e-5, rtol=0)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 def _snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}

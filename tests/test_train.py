@@ -198,6 +198,13 @@ def test_config_values_are_checked(tmp_path, kw, match):
         Trainer(TrainConfig(out=str(tmp_path / "r"), method="lora", **{**BASE, "steps": 1, **kw}))
 
 
+def test_paths_may_be_pathlike(tmp_path):
+    t = Trainer(TrainConfig(out=tmp_path / "p", method="lora", **{**BASE, "steps": 1}))
+    assert t.config.out == str(tmp_path / "p")
+    t.fit()
+    assert (tmp_path / "p" / "summary.json").exists()
+
+
 def test_resume_with_other_steps_is_refused(tmp_path):
     out = tmp_path / "r"
     kw = dict(BASE, method="lora", steps=2, checkpoint_every=1, save_final=False)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -96,6 +97,15 @@ def test_bad_adapter_name_or_alpha(model, kw):
         lowrank.adapt(model, "lora", targets=["q_proj"], rank=2, **kw)
     assert_unchanged(model, snap)
     assert not getattr(model, "_lowrank_adapters", {}), "no adapter record may be left behind"
+
+
+@pytest.mark.parametrize("kw, n", [
+    ({"targets": {"q_proj", "v_proj"}}, 4), ({"targets": ("q_proj",)}, 2), ({"exclude": []}, 14),
+    ({"alpha": np.int64(8)}, 14), ({"alpha": torch.tensor(8.0)}, 14),
+])
+def test_collections_and_numpy_scalars_are_accepted(model, kw, n):
+    lowrank.adapt(model, "lora", rank=2, **kw)
+    assert len(list(lowrank.adapted_layers(model))) == n
 
 
 @pytest.mark.parametrize("kw, exc, match", [

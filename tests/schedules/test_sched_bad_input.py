@@ -75,6 +75,8 @@ def test_one_full_weight_parameterisation_per_layer_and_no_merge_into_a_released
     with pytest.raises(lowrank.AlreadyAdaptedError, match="already parameterised"):
         lowrank.adapt(model, "sltrain", rank=4, name="second")
     assert lowrank.adapter_names(model) == ["default"]
+    with pytest.raises(lowrank.AlreadyAdaptedError, match="replaces the base weight that the other's update reads"):
+        lowrank.adapt(model, "dora", rank=4, name="third")  # DoRA's norm reads a W that lowrank replaced
     released = tiny_llama()
     parameterise(released, "lowrank", rank=4)
     with pytest.raises(lowrank.MergeError, match="released"):

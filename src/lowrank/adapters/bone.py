@@ -54,6 +54,7 @@ def block_affine_inverse(merged: torch.Tensor, blocks: torch.Tensor) -> torch.Te
 @register_method
 class Bone(Adapter):
     name = "bone"
+    reads_base_weight = True
     paper = "Bone: Block Affine Transformation as Parameter Efficient Fine-tuning Methods for Large Language Models (Kang, 2024), arXiv:2409.15371"
     formula = "W'_ij = W_ij + W_ij B_i + B_i  (b x b blocks, B_i shared along row block i);  h = W' x + bias"
     params_formula = "out * b   (rank = block size b)"

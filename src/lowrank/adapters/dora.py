@@ -56,6 +56,7 @@ class _DoRALinear(torch.autograd.Function):
 @register_method
 class DoRA(LoRA):
     name = "dora"
+    reads_base_weight = True
     paper = "DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., ICML 2024), arXiv:2402.09353"
     formula = "h = m / ||W + s B A||_c * (W x + s B A x) + b"
     params_formula = "r * (in + out) + out"

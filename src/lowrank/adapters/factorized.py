@@ -237,11 +237,15 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if rest.startswith("base_layer.") and rest != "base_layer.weight":
             state[f"{owner}.{rest[len('base_layer.'):]}"] = value.detach().clone().contiguous()
     for owner, layer in layers.items():  # the weights, dense: W folded with the live adapters
-        w = layer.base.weight.detach().float()
-        for n in [n for n in layer.active if n not in layer.merged]:
-            a = layer.adapters[n]
-            # a full-weight parameterisation *is* the weight; an update adds to it
-            w = a.dense_weight().float() if isinstance(a, FullWeight) else a.merge_into(w).float()
+        live = [layer.adapters[n] for n in layer.active if n not in layer.merged]
+        full = [a for a in live if isinstance(a, FullWeight)]
+        w0 = layer.base.weight.detach().float()
+        # a full-weight parameterisation *is* the weight; every other update is taken against W0 and
+        # added, as the forward computes them
+        w = full[0].dense_weight().float() if full else w0.clone()
+        for a in live:
+            if not isinstance(a, FullWeight):
+                w += a.merge_into(w0.to(a.compute_dtype)).float() - w0
         w = w.to(layer.base.dtype)
         state[f"{owner}.weight"] = (w.T if layer.base.transposed else w).contiguous()
     return state

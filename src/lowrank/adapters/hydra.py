@@ -31,6 +31,7 @@ from ..registry import register_method
 @register_method
 class Hydra(Adapter):
     name = "hydra"
+    reads_base_weight = True
     paper = "Hydra: Multi-head Low-rank Adaptation for Parameter Efficient Fine-tuning (Kim et al., 2024), arXiv:2309.06922"
     formula = "h = W x + b + (alpha/r) (B_p A_p x + B_s A_s W x)"
     params_formula = "r * (in + out) + 2 * r * out"

@@ -42,6 +42,9 @@ class Adapter(nn.Module):
     #: the adapter computes the whole layer output (full-weight parameterisations); the
     #: wrapper then skips the base layer and passes ``base_out=None``
     replaces_base: ClassVar[bool] = False
+    #: the update depends on W itself (DoRA's norm, Bone's weight guide): it cannot be stacked on a
+    #: full-weight parameterisation, whose W is not the layer's weight
+    reads_base_weight: ClassVar[bool] = False
     #: the adapter can compute base layer + update in one fused op (:meth:`forward_fused`);
     #: the wrapper uses it when this is the only live adapter on a plain ``layer(x)`` call
     fuses_base: ClassVar[bool] = False

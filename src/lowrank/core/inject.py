@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -68,6 +69,25 @@ def _matches(path: str, targets: str | Sequence[str]) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
+def _spec(what: str, spec: Any) -> str | list[str]:
+    """A target/exclude spec as a regex string (checked) or a list of names; TargetError otherwise."""
+    if isinstance(spec, str):
+        if spec != "all-linear" or what != "targets":
+            try:
+                re.compile(spec)
+            except re.error as e:
+                raise TargetError(f"{what} regex {spec!r} does not compile: {e}") from None
+        return spec
+    try:
+        names = list(spec)  # a list, tuple, set, dict keys ...
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(t, str) for t in names) or (what == "targets" and not names):
+        kinds = "'all-linear', a regex or a non-empty collection" if what == "targets" else "a regex or a collection"
+        raise TargetError(f"{what} must be {kinds} of module names, got {spec!r}")
+    return names
+
+
 def resolve_targets(
     model: nn.Module,
     targets: str | Sequence[str] = "all-linear",
@@ -76,18 +96,8 @@ def resolve_targets(
     method: str = "",
 ) -> list[tuple[str, nn.Module]]:
     """The (path, module) pairs a target spec selects; raises TargetError if none."""
-    for what, spec in (("targets", targets), ("exclude", exclude)):
-        if spec is None and what == "exclude":
-            continue
-        if isinstance(spec, str):
-            if spec == "all-linear" and what == "targets":
-                continue
-            try:
-                re.compile(spec)
-            except re.error as e:
-                raise TargetError(f"{what} regex {spec!r} does not compile: {e}") from None
-        elif not (isinstance(spec, (list, tuple)) and spec and all(isinstance(t, str) for t in spec)):
-            raise TargetError(f"{what} must be 'all-linear', a regex or a non-empty list of module names, got {spec!r}")
+    targets = _spec("targets", targets)
+    exclude = _spec("exclude", exclude) if exclude is not None else None
     candidates = [(p, m) for p, m in _candidate_modules(model) if p]
     chosen: list[tuple[str, nn.Module]] = []
     if targets == "all-linear":
@@ -156,8 +166,7 @@ def plan_adapters(
     """Build every adapter detached from the model; nothing in the model changes here."""
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\"):
         raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                              or not math.isfinite(alpha) or alpha <= 0):
+    if alpha is not None and not (_real(alpha) and math.isfinite(float(alpha)) and float(alpha) > 0):
         raise ConfigError(f"alpha must be a finite number > 0 (or None for the method's default), got {alpha!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
@@ -193,6 +202,12 @@ def plan_adapters(
                     f"module {path!r} is already parameterised by adapter {replacing[0]!r}; a second full-weight "
                     f"parameterisation ({method_cls.name!r}) cannot share it"
                 )
+            reading = [n for n, a in mod.adapters.items() if a.reads_base_weight]
+            if (method_cls.reads_base_weight and replacing) or (method_cls.replaces_base and reading):
+                raise AlreadyAdaptedError(
+                    f"module {path!r}: {method_cls.name!r} cannot share a layer with adapter "
+                    f"{(replacing or reading)[0]!r}: one replaces the base weight that the other's update reads"
+                )
             if init is not None and init.modifies_base and mod.adapters:
                 raise ConfigError(
                     f"init {init.name!r} rewrites the base weight of {path!r}, under the adapters already there "
@@ -227,6 +242,15 @@ def plan_adapters(
     return planned
 
 
+def _real(value: Any) -> bool:
+    """A real number: Python, numpy or a one-element torch tensor; not a bool or a string."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real)
+
+
 def _check_option_type(method: str, key: str, value: Any, default: Any) -> None:
     """An option must have the type of its default in the method's signature (its typed config)."""
     if default is None or default is inspect.Parameter.empty:
@@ -234,8 +258,7 @@ def _check_option_type(method: str, key: str, value: Any, default: Any) -> None:
     if isinstance(default, bool):
         ok, what = isinstance(value, bool), "a bool"
     elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and (isinstance(value, int) or isinstance(default, float))
+        ok = _real(value) and (isinstance(default, float) or isinstance(value, numbers.Integral))
         what = "a number" if isinstance(default, float) else "an integer"
     elif isinstance(default, str):
         ok, what = isinstance(value, str), "a string"

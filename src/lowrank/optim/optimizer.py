@@ -299,7 +299,8 @@ def build(model_or_named, *, method: str, lr: float, rank: int, transform: Trans
     if not proj_np:
         raise TargetError(
             f"{method}: no parameter is projected (the default targets are 2-D weights inside numbered "
-            "blocks, found by name): pass the model or its named_parameters(), or targets=[...]")
+            "blocks, found by name): pass the model or its named_parameters() (a bare list of parameters has "
+            "no names to match), or targets=[...]")
     for n, p in proj_np:
         if rank > min(p.shape):
             raise ShapeError(f"{n}: rank {rank} exceeds min(m, n) = {min(p.shape)} of its shape {tuple(p.shape)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from ..errors import ConfigError
 
 TASKS = ("finetune", "pretrain")
+PATH_FIELDS = ("out", "model", "data")  # may be given as os.PathLike; kept as str
 SCHEDULES = ("cosine", "linear", "constant")
 
 #: what a task uses when --model / --data are not given
@@ -69,8 +71,10 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with task defaults filled in and every value checked (ConfigError names the field)."""
-        _check_field_types(self)
-        c = dataclasses.replace(self, method_options=dict(self.method_options), optimizer_options=dict(self.optimizer_options))
+        paths = {k: os.fspath(v) for k in PATH_FIELDS if isinstance(v := getattr(self, k), os.PathLike)}
+        c = dataclasses.replace(self, method_options=dict(self.method_options),
+                                optimizer_options=dict(self.optimizer_options), **paths)
+        _check_field_types(c)
         if c.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {c.task!r}")
         c.model = c.model or TASK_DEFAULTS[c.task]["model"]
