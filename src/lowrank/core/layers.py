@@ -207,7 +207,7 @@ class AdaptedLayer(nn.Module):
         names = self.merged + todo
         self.unmerge()
         w0 = base.weight.detach().clone()  # (out, in)
-        merged = w0.clone()
+        merged = w0.to(torch.promote_types(w0.dtype, torch.float32), copy=True)  # summed in at least fp32
         for name in names:
             adapter = self.adapters[name]
             w = w0.to(adapter.compute_dtype)
