@@ -189,6 +189,7 @@ def test_bad_setup_leaves_the_output_directory_as_it_was(tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     ({"overwrite": "false"}, "overwrite must be true or false"),
+    ({"method_options": [1]}, "method_options must be a table of options"),
     ({"resume": True, "overwrite": True}, "pass one of them"),
     ({"optimizer_options": {"foo": 1}}, "optimizer_options apply to --optimizer"),
     ({"optimizer": "adamw", "optimizer_options": {"foo": 1}}, "optimizer adamw"),

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from ..core.adapter import Adapter, FactorAdapter
 from ..core.inject import adapted_layers
-from ..core.layers import AdaptedLayer, BaseLayer
+from ..core.layers import AdaptedLayer, BaseLayer, is_released
 from ..errors import ConfigError, ShapeError
 from ..registry import register_method
 
@@ -168,7 +168,7 @@ def release_base_weights(model: nn.Module, name: str = "default") -> int:
             continue
         mod = layer.base_layer
         w = mod.weight
-        if w.dim() > 0 and all(st == 0 for st in w.stride()):
+        if is_released(w):
             continue
         freed += w.numel() * w.element_size()
         empty = torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape)
@@ -176,10 +176,6 @@ def release_base_weights(model: nn.Module, name: str = "default") -> int:
             del mod._parameters["weight"]
         mod.register_buffer("weight", empty, persistent=False)
     return freed
-
-
-def is_released(t: torch.Tensor) -> bool:
-    return t.dim() > 0 and all(st == 0 for st in t.stride())
 
 
 def parameterise(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import numbers
 import re
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .._checks import is_finite_real, is_real
 from ..errors import AlreadyAdaptedError, ConfigError, ShapeError, TargetError, UnsupportedLayerError
 from .adapter import Adapter
 from .init import Init
@@ -166,7 +166,7 @@ def plan_adapters(
     """Build every adapter detached from the model; nothing in the model changes here."""
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\"):
         raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
-    if alpha is not None and not (_real(alpha) and math.isfinite(float(alpha)) and float(alpha) > 0):
+    if alpha is not None and not (is_finite_real(alpha) and float(alpha) > 0):
         raise ConfigError(f"alpha must be a finite number > 0 (or None for the method's default), got {alpha!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
@@ -242,15 +242,6 @@ def plan_adapters(
     return planned
 
 
-def _real(value: Any) -> bool:
-    """A real number: Python, numpy or a one-element torch tensor; not a bool or a string."""
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
-        return False
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
-    return isinstance(value, numbers.Real)
-
-
 def _check_option_type(method: str, key: str, value: Any, default: Any) -> None:
     """An option must have the type of its default in the method's signature (its typed config)."""
     if default is None or default is inspect.Parameter.empty:
@@ -258,7 +249,7 @@ def _check_option_type(method: str, key: str, value: Any, default: Any) -> None:
     if isinstance(default, bool):
         ok, what = isinstance(value, bool), "a bool"
     elif isinstance(default, (int, float)):
-        ok = _real(value) and (isinstance(default, float) or isinstance(value, numbers.Integral))
+        ok = is_real(value) and (isinstance(default, float) or isinstance(value, numbers.Integral))
         what = "a number" if isinstance(default, float) else "an integer"
     elif isinstance(default, str):
         ok, what = isinstance(value, str), "a string"

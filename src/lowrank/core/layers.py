@@ -79,6 +79,11 @@ class BaseLayer:
         return nn.functional.linear(x, self.weight)
 
 
+def is_released(t: torch.Tensor) -> bool:
+    """A weight freed by ``release_base_weights``: a zero-stride view of one scalar, no storage of its own."""
+    return t.dim() > 0 and all(st == 0 for st in t.stride())
+
+
 def _shareable(adapter: "Adapter") -> bool:
     return adapter.fuse_group is not None and isinstance(adapter.dropout, nn.Identity)
 
@@ -182,7 +187,7 @@ class AdaptedLayer(nn.Module):
     def check_mergeable(self, names: list[str]) -> None:
         """MergeError if ``names`` cannot be folded into this layer's weight."""
         w = self.base.weight
-        if names and w is not None and w.dim() > 0 and all(st == 0 for st in w.stride()):
+        if names and w is not None and is_released(w):
             from ..errors import MergeError
 
             raise MergeError("this layer's base weight was released (release_base_weights: no storage of its "

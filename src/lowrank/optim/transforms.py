@@ -23,13 +23,13 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
+from .._checks import is_finite_real
 from ..errors import ConfigError, UnknownNameError
 
 
 def check_positive(owner: str, key: str, value: Any, *, allow_zero: bool = False) -> float:
     """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); ConfigError naming ``key`` otherwise."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
+    if not is_finite_real(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{owner}: {key} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
 

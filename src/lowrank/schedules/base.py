@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
+from .._checks import is_finite_real
 from ..errors import CheckpointError, ConfigError
 
 
@@ -34,8 +35,7 @@ def check_int(owner: str, key: str, value: Any, minimum: int, *, optional: bool 
 
 def check_real(owner: str, key: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
     """``value`` as a float in [low, high] ((low, high] with ``open_low``); ConfigError naming ``key``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > high or value < low or (open_low and value == low):
+    if not is_finite_real(value) or value > high or value < low or (open_low and value == low):
         span = f"{'(' if open_low else '['}{low}, {high}]" if math.isfinite(high) else f"{'>' if open_low else '>='} {low}"
         raise ConfigError(f"{owner} option {key!r} must be a finite number {'in ' if math.isfinite(high) else ''}{span}, got {value!r}")
     return float(value)

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +74,9 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with task defaults filled in and every value checked (ConfigError names the field)."""
         paths = {k: os.fspath(v) for k in PATH_FIELDS if isinstance(v := getattr(self, k), os.PathLike)}
-        c = dataclasses.replace(self, method_options=dict(self.method_options),
-                                optimizer_options=dict(self.optimizer_options), **paths)
-        _check_field_types(c)
+        c = dataclasses.replace(self, **paths)
+        _check_field_types(c)  # before anything below reads a value of the wrong type
+        c = dataclasses.replace(c, method_options=dict(c.method_options), optimizer_options=dict(c.optimizer_options))
         if c.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {c.task!r}")
         c.model = c.model or TASK_DEFAULTS[c.task]["model"]
@@ -137,23 +139,23 @@ class TrainConfig:
         return cls.from_dict({**read_config_file(path), **overrides})
 
 
-_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "dict[str, Any]": (dict,)}
-_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-          "dict[str, Any]": "a table of options"}
+_WHAT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table of options"}
 
 
 def _check_field_types(c: TrainConfig) -> None:
     """Every field holds its declared type (a config file's ``overwrite = "false"`` is not true)."""
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(c):
         v = getattr(c, f.name)
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        if v is None and "None" in kinds:
+        hint = hints[f.name]
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if v is None and type(None) in kinds:
             continue
-        kinds = [k for k in kinds if k != "None"]
-        allowed = tuple(t for k in kinds for t in _TYPES.get(k, (object,)))
-        bool_ok = "bool" in kinds
-        if not isinstance(v, allowed) or (isinstance(v, bool) and not bool_ok):
-            want = " or ".join(_NAMES.get(k, k) for k in kinds)
+        kinds = [typing.get_origin(k) or k for k in kinds if k is not type(None)]
+        # a float field takes an int; only a bool field takes a bool (bool is an int subclass)
+        ok = any(isinstance(v, (int, float) if k is float else k) for k in kinds)
+        if not ok or (isinstance(v, bool) and bool not in kinds):
+            want = " or ".join(_WHAT.get(k, k.__name__) for k in kinds)
             raise ConfigError(f"{f.name} must be {want}, got {v!r}")
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ...core.adapter import FactorAdapter
 from ...core.inject import adapted_layers
+from ..._checks import is_finite_real
 from ...errors import ConfigError
 
 
@@ -85,7 +86,7 @@ def other_trainables(model: nn.Module, pairs: Iterable[FactorPair]) -> list[nn.P
 
 
 def check_hparams(who: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+    if not (is_finite_real(lr) and lr >= 0):
         raise ConfigError(f"{who}: lr must be a finite number >= 0, got {lr!r}")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"{who}: betas must be two numbers in [0, 1), got {betas!r}")
