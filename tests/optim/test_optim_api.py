@@ -183,7 +183,7 @@ def test_groups_are_fixed_after_construction():
     train_steps(m, opt, 1)                                   # still steps
 
 
-@pytest.mark.parametrize("change", [{"rank": 8}, {"projector": "svd"}, {"update_gap": 7}])
+@pytest.mark.parametrize("change", [{"rank": 8}, {"projector": "svd"}])
 def test_loading_state_saved_with_other_rank_or_projector_is_refused(change):
     m = tiny_llama(0)
     a = lo.galore(m, lr=1e-3, rank=4)
@@ -243,3 +243,93 @@ def test_works_with_named_parameters_and_param_lists():
     assert [g["method"] for g in opt.param_groups] == ["plain", "galore"]
     opt2 = lo.galore([p for p in m.parameters() if p.dim() == 2], lr=1e-3, rank=4, targets=["param1"])
     assert len(opt2.param_groups[1]["params"]) == 1
+
+
+# ---------------------------------------------------------------- hyperparameters in param groups
+
+def _weights(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("make, edits", [
+    (lambda m, **kw: lo.galore(m, lr=1e-2, rank=4, update_gap=2, **kw), {"betas": (0.5, 0.9), "eps": 1e-3, "scale": 0.6}),
+    (lambda m, **kw: lo.galore(m, lr=1e-2, rank=4, inner="sgd", **kw), {"momentum": 0.3}),
+    (lambda m, **kw: lo.galore(m, lr=1e-3, rank=4, inner="lion", **kw), {"betas": (0.7, 0.95)}),
+    (lambda m, **kw: lo.fira(m, lr=1e-2, rank=4, **kw), {"gamma": 1.5, "scale": 0.5}),
+    (lambda m, **kw: lo.flora(m, lr=1e-2, rank=4, **kw), {"beta1": 0.5, "clip_threshold": 0.5}),
+])
+def test_hyperparameters_edited_in_param_groups_are_the_ones_used(make, edits):
+    """Editing a param group (as a scheduler does) gives exactly the optimizer built with those values."""
+    built = make(tiny_llama(0), **edits)
+    ma, mb = tiny_llama(0), tiny_llama(0)
+    oa = make(ma)
+    for g in oa.param_groups:
+        for k, v in edits.items():
+            if k in g:
+                g[k] = v
+    ob = make(mb, **edits)
+    assert all(g[k] == built.param_groups[i][k] for i, g in enumerate(oa.param_groups) for k in edits if k in g)
+    train_steps(ma, oa, 3)
+    train_steps(mb, ob, 3)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(ma), _weights(mb)))
+    plain = tiny_llama(0)
+    train_steps(plain, make(plain), 3)          # and the edit made a difference
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(ma), _weights(plain)))
+
+
+@pytest.mark.parametrize("make, key", [
+    (lambda m: lo.galore(m, lr=1e-2, rank=4), "betas"),
+    (lambda m: lo.galore(m, lr=1e-2, rank=4, inner="sgd"), "momentum"),
+])
+def test_one_cycle_cycles_the_inner_momentum(make, key):
+    """torch's OneCycleLR (cycle_momentum=True by default) finds betas / momentum and the step uses them."""
+    m = tiny_llama(0)
+    opt = make(m)
+    assert key in opt.defaults
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    seen = []
+    for t in range(4):
+        seen.append(opt.param_groups[-1][key])
+        train_steps(m, opt, 1, seed0=t)
+        inner = opt._transforms[-1].inner
+        used = (inner.b1, inner.b2) if key == "betas" else inner.mu
+        assert used == pytest.approx(seen[-1])
+        sched.step()
+    assert len(set(map(str, seen))) == 4                 # it did cycle
+
+
+def test_bad_hyperparameter_in_a_group_is_refused_before_anything_changes():
+    m = tiny_llama(0)
+    opt = lo.galore(m, lr=1e-2, rank=4)
+    train_steps(m, opt, 1)
+    before, state = _weights(m), {k: v.clone() for k, v in opt.state_dict()["state"][0].items() if torch.is_tensor(v)}
+    opt.param_groups[1]["betas"] = (1.5, 0.999)
+    m(**batch(5)).loss.backward()
+    with pytest.raises(ConfigError, match=r"param group 1 \(galore\).*betas"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(m)))
+    after = opt.state_dict()["state"][0]
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+    opt.param_groups[1]["betas"] = (0.9, 0.999)         # fixed: steps again
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, _weights(m)))
+
+
+def test_update_gap_is_restored_from_a_state_dict_and_honoured_from_the_next_refresh():
+    m = tiny_llama(0)
+    a = lo.galore(m, lr=1e-3, rank=4, update_gap=7)
+    train_steps(m, a, 1)
+    b = lo.galore(tiny_llama(0), lr=1e-3, rank=4, update_gap=3)
+    b.load_state_dict(a.state_dict())
+    assert b.param_groups[1]["update_gap"] == 7
+    p = b.param_groups[1]["params"][0]
+    assert b.state[p]["s"].next_refresh == 8            # scheduled by a's gap at its refresh
+    b.param_groups[1]["update_gap"] = 2                  # takes effect at the next refresh
+    mb = tiny_llama(0)
+    mb.load_state_dict(m.state_dict())
+    c = lo.galore(mb, lr=1e-3, rank=4, update_gap=3)
+    c.load_state_dict(a.state_dict())
+    c.param_groups[1]["update_gap"] = 2
+    train_steps(mb, c, 7)                               # steps 2..8: refresh at 8, next at 10
+    q = c.param_groups[1]["params"][0]
+    assert c.state[q]["s"].next_refresh == 10

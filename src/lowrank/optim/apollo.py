@@ -31,6 +31,12 @@ class Apollo(LowRank):
             raise ConfigError(f"apollo: scale_type must be 'channel' or 'tensor', got {scale_type!r}")
         self.scale_type, self.gamma, self.limiter = scale_type, check_positive("apollo", "gamma", gamma), limiter
 
+    def hyper(self):
+        return {**super().hyper(), "gamma": self.gamma}
+
+    def _check_own(self, values):
+        return {"gamma": check_positive("apollo", "gamma", values.get("gamma", self.gamma))}
+
     def init_extra(self, p):
         return LimiterState(p.new_zeros((), dtype=torch.float32))
 

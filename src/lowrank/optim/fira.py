@@ -25,6 +25,12 @@ class Fira(LowRank):
         super().__init__(inner, projector, **kw)
         self.gamma = check_positive("fira", "gamma", gamma)
 
+    def hyper(self):
+        return {**super().hyper(), "gamma": self.gamma}
+
+    def _check_own(self, values):
+        return {"gamma": check_positive("fira", "gamma", values.get("gamma", self.gamma))}
+
     def init_extra(self, p):
         return LimiterState(p.new_zeros((), dtype=torch.float32))
 

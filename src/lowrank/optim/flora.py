@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import is_finite_real
 from ..errors import ConfigError
 from .projectors.random import gaussian_basis, next_seed, split_seed
 from .transforms import State, Transform, check_positive
@@ -51,6 +52,16 @@ class Flora(Transform):
             raise ConfigError(f"flora: seed must be a non-negative int, got {seed!r}")
         self.rank, self.kappa, self.b1 = rank, kappa, beta1
         self.decay_rate, self.eps, self.clip, self.seed = decay_rate, eps, clip_threshold, seed
+
+    def hyper(self):
+        return {"beta1": self.b1, "clip_threshold": self.clip}
+
+    def set_hyper(self, values):
+        b1 = values.get("beta1", self.b1)
+        if not is_finite_real(b1) or not 0.0 <= b1 < 1.0:
+            raise ConfigError(f"flora: beta1 must lie in [0, 1), got {b1!r}")
+        self.clip = check_positive("flora", "clip_threshold", values.get("clip_threshold", self.clip))
+        self.b1 = float(b1)
 
     def init(self, p, index=0):
         m, n = p.shape

@@ -32,7 +32,7 @@ def make(cls, method: str, model_or_named_parameters, *, lr: float, rank: int, u
     proj = make_projector(projector, rank, seed=seed, **(projector_options or {}))
     tf = cls(inner_t, proj, rank=rank, update_gap=update_gap, scale=scale, rotate_moments=rotate_moments,
              **(extra or {}))
-    info = {"projector": projector, "update_gap": update_gap, "scale": scale}
+    info = {"projector": projector}   # scale, update_gap and the inner's betas/eps come from tf.hyper()
     return build(model_or_named_parameters, method=method, lr=lr, rank=rank, transform=tf, plain=plain_t,
                  inner_name=inner, targets=targets, weight_decay=weight_decay, nonfinite=nonfinite,
                  layerwise=layerwise, accumulation_steps=accumulation_steps, info=info)

@@ -5,7 +5,11 @@ handling, layer-wise mode, and the ``state_bytes`` accounting.
 Each parameter group carries one :class:`~lowrank.optim.transforms.Transform`; ``step()`` hands
 it the group's gradients as lists (grouped by step count) and applies ``p <- p(1 - lr wd) - lr d``.
 Everything a scheduler, gradient clipping or the Hugging Face ``Trainer`` touch (``param_groups``,
-``step``, ``zero_grad``, ``state_dict``) behaves as for any torch optimizer.
+``step``, ``zero_grad``, ``state_dict``) behaves as for any torch optimizer.  As in torch, a group
+also shows its transform's hyperparameters (``betas``, ``eps``, ``momentum``, ``scale``,
+``update_gap``, ``gamma``, ...; :meth:`Transform.hyper`): they are read back from the group before
+every update, so schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR``) and edits by hand
+take effect, and ``load_state_dict`` restores them.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ class NonFiniteGradientError(LowRankError, FloatingPointError):
 
 
 # keys of a param group that define the *shape* of its state; loading a state dict saved with
-# different values is refused (the tensors would not fit or would mean something else)
-COMPAT_KEYS = ("method", "inner", "rank", "projector", "update_gap", "scale")
+# different values is refused (the tensors would not fit or would mean something else).  The
+# transforms' hyperparameters (betas, eps, momentum, scale, update_gap, ...) are not among them:
+# like lr, they are read from the group at every step and restored from a state dict.
+COMPAT_KEYS = ("method", "inner", "rank", "projector")
 
 
 def _chunks(params: list[Tensor], numel: int):
@@ -58,7 +64,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
             raise ConfigError(
                 f"layerwise=True updates each parameter inside backward, so it cannot accumulate gradients "
                 f"over {accumulation_steps} micro-batches; use layerwise=False with accumulation_steps > 1")
-        super().__init__(groups, {"lr": 1e-3, "weight_decay": 0.0})
+        # defaults: lr, weight_decay and the hyperparameters every group's transform has (so a
+        # scheduler that looks for "betas"/"momentum" in defaults, e.g. OneCycleLR, finds them)
+        hypers = [tf.hyper() for tf in transforms]
+        shared = set.intersection(*(set(h) for h in hypers)) if hypers else set()
+        super().__init__(groups, {"lr": 1e-3, "weight_decay": 0.0, **{k: hypers[0][k] for k in sorted(shared)}})
+        for g, h in zip(self.param_groups, hypers):
+            for k, v in h.items():
+                g.setdefault(k, v)
         self._transforms = list(transforms)
         self._names = names or {}
         self.nonfinite = nonfinite
@@ -104,6 +117,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_hyper()
         if self.layerwise:          # the updates already ran inside backward
             self._fired.clear()
             return loss
@@ -119,7 +133,29 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._update(gi, ps)
         return loss
 
+    def _check_hyper(self) -> None:
+        """Every group's hyperparameters, checked before anything is updated (a bad value, e.g. set by
+        hand in ``param_groups``, raises ConfigError naming the group and key; nothing changes)."""
+        saved = [tf.hyper() for tf in self._transforms]
+        try:
+            for gi in range(len(self.param_groups)):
+                self._sync_hyper(gi)
+        finally:   # transforms may be shared between groups: leave them as they were
+            for tf, h in zip(reversed(self._transforms), reversed(saved)):
+                tf.set_hyper(h)
+
+    def _sync_hyper(self, gi: int) -> None:
+        """Hand group ``gi``'s current hyperparameters to its transform (schedulers edit the group)."""
+        group, tf = self.param_groups[gi], self._transforms[gi]
+        keys = tf.hyper()
+        if keys:
+            try:
+                tf.set_hyper({k: group.get(k, v) for k, v in keys.items()})
+            except ConfigError as e:
+                raise ConfigError(f"param group {gi} ({group.get('method')}): {e}") from None
+
     def _update(self, gi: int, ps: list[Tensor]) -> None:
+        self._sync_hyper(gi)
         group, tf = self.param_groups[gi], self._transforms[gi]
         buckets: dict[int, list[Tensor]] = defaultdict(list)
         for p in ps:

@@ -137,6 +137,12 @@ class Int8Weights(Transform):
     def update(self, grads, states, params, step):
         return self.inner.update(grads, [s.opt for s in states], params, step)
 
+    def hyper(self):
+        return self.inner.hyper()
+
+    def set_hyper(self, values):
+        self.inner.set_hyper(values)
+
 
 # ------------------------------------------------------------------------- autograd plumbing
 
@@ -263,6 +269,7 @@ class QGaLoreOptimizer(LowRankOptimizer):
             return super()._update(gi, ps)
         if not self._quantized:
             raise ConfigError("q_galore: unquantize() was called; this optimizer can no longer step")
+        self._sync_hyper(gi)
         group, tf = self.param_groups[gi], self._transforms[gi]
         buckets: dict[int, list[Tensor]] = {}
         for p in ps:

@@ -142,6 +142,17 @@ class Transform:
         :class:`Factored` (same values).  Default: ``update``."""
         return self.update(grads, states, params, step)
 
+    def hyper(self) -> dict[str, Any]:
+        """Hyperparameters that may change between steps, under torch's param-group names
+        (``betas``, ``eps``, ``momentum``, ...).  The optimizer edge shows them in the param group
+        and passes the group's values to :meth:`set_hyper` before each update, so schedulers that
+        cycle ``betas``/``momentum`` (``OneCycleLR``, ``CyclicLR``) work.  Default: none."""
+        return {}
+
+    def set_hyper(self, values: dict[str, Any]) -> None:
+        """Apply ``values`` (keys of :meth:`hyper`).  Every value is checked before any is applied:
+        a bad one raises ConfigError naming its key and changes nothing."""
+
 
 @dataclass
 class ChainState(State):
@@ -161,6 +172,19 @@ class Chain(Transform):
         for i, t in enumerate(self.transforms):
             grads = t.update(grads, [s.parts[i] for s in states], params, step)
         return grads
+
+    def hyper(self):
+        return {k: v for t in self.transforms for k, v in t.hyper().items()}
+
+    def set_hyper(self, values):
+        old = [t.hyper() for t in self.transforms]
+        try:
+            for t in self.transforms:
+                t.set_hyper({k: values[k] for k in t.hyper() if k in values})
+        except ConfigError:
+            for t, h in zip(self.transforms, old):   # all or nothing
+                t.set_hyper(h)
+            raise
 
 
 def chain(*transforms: Transform) -> Chain:
@@ -235,13 +259,19 @@ class AdamW(Inner):
 
     def __init__(self, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
                  bias_correction: bool = True, eps_convention: str = "torch"):
-        b1, b2 = check_betas("adamw", betas)
-        if eps < 0:
-            raise ConfigError(f"adamw: eps must be >= 0, got {eps}")
         if eps_convention not in ("torch", "hf"):
             raise ConfigError(f"adamw: eps_convention must be 'torch' or 'hf', got {eps_convention!r}")
-        self.b1, self.b2, self.eps = float(b1), float(b2), float(eps)
+        self.b1, self.b2 = check_betas("adamw", betas)
+        self.eps = check_positive("adamw", "eps", eps, allow_zero=True)
         self.bias_correction, self.eps_convention = bias_correction, eps_convention
+
+    def hyper(self):
+        return {"betas": (self.b1, self.b2), "eps": self.eps}
+
+    def set_hyper(self, values):
+        b1, b2 = check_betas("adamw", values.get("betas", (self.b1, self.b2)))
+        eps = check_positive("adamw", "eps", values.get("eps", self.eps), allow_zero=True)
+        self.b1, self.b2, self.eps = b1, b2, eps
 
     def init(self, p, index=0):
         return AdamState(torch.zeros_like(p), torch.zeros_like(p))
@@ -295,11 +325,26 @@ class Adafactor(Inner):
                  beta1: float | None = None):
         if decay_rate >= 0:
             raise ConfigError(f"adafactor: decay_rate must be < 0, got {decay_rate}")
-        check_positive("adafactor", "clip_threshold", clip_threshold)
-        self.decay_rate, self.eps, self.clip, self.beta1 = decay_rate, eps, clip_threshold, beta1
+        self.clip = check_positive("adafactor", "clip_threshold", clip_threshold)
+        self.decay_rate, self.eps, self.beta1 = decay_rate, eps, beta1
+        self.has_m = bool(beta1)
+        self.set_hyper(self.hyper())   # checks beta1
+
+    def hyper(self):
+        # beta1 only when there is a first moment (built with one): None <-> number would change the state
+        return {"clip_threshold": self.clip, **({"beta1": self.beta1} if self.has_m else {})}
+
+    def set_hyper(self, values):
+        clip = check_positive("adafactor", "clip_threshold", values.get("clip_threshold", self.clip))
+        if self.has_m and "beta1" in values:
+            b1 = values["beta1"]
+            if not is_finite_real(b1) or not 0.0 <= b1 < 1.0:
+                raise ConfigError(f"adafactor: beta1 must lie in [0, 1), got {b1!r}")
+            self.beta1 = float(b1)
+        self.clip = clip
 
     def init(self, p, index=0):
-        m = torch.zeros_like(p) if self.beta1 else p.new_zeros(0)
+        m = torch.zeros_like(p) if self.has_m else p.new_zeros(0)
         if p.dim() == 2:
             return AdafactorState(p.new_zeros(p.shape[0]), p.new_zeros(p.shape[1]), m)
         return AdafactorState(torch.zeros_like(p), p.new_zeros(0), m)
@@ -318,7 +363,7 @@ class Adafactor(Inner):
                 s.row.mul_(b2).add_(g2, alpha=1 - b2)
                 u = g * s.row.rsqrt()
             u = u / (u.norm() / (u.numel() ** 0.5 * self.clip)).clamp(min=1.0)
-            if self.beta1:
+            if s.m.numel():
                 s.m.lerp_(u, 1 - self.beta1)
                 u = s.m.clone()
             out.append(u)
@@ -346,9 +391,19 @@ class SGDMomentum(Inner):
     name = "sgd"
 
     def __init__(self, momentum: float = 0.9, nesterov: bool = False):
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"sgd: momentum must lie in [0, 1), got {momentum}")
-        self.mu, self.nesterov = float(momentum), nesterov
+        self.mu, self.nesterov = self._momentum(momentum), nesterov
+
+    @staticmethod
+    def _momentum(momentum) -> float:
+        if not is_finite_real(momentum) or not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"sgd: momentum must lie in [0, 1), got {momentum!r}")
+        return float(momentum)
+
+    def hyper(self):
+        return {"momentum": self.mu}
+
+    def set_hyper(self, values):
+        self.mu = self._momentum(values.get("momentum", self.mu))
 
     def init(self, p, index=0):
         return MomentumState(torch.zeros_like(p))
@@ -375,6 +430,12 @@ class Lion(Inner):
 
     def __init__(self, betas: Sequence[float] = (0.9, 0.99)):
         self.b1, self.b2 = check_betas("lion", betas)
+
+    def hyper(self):
+        return {"betas": (self.b1, self.b2)}
+
+    def set_hyper(self, values):
+        self.b1, self.b2 = check_betas("lion", values.get("betas", (self.b1, self.b2)))
 
     def init(self, p, index=0):
         return MomentumState(torch.zeros_like(p))

@@ -60,11 +60,32 @@ def limit_growth(S: Tensor, st: LimiterState, gamma: float) -> Tensor:
 class LowRank(Transform):
     def __init__(self, inner: Inner, projector: Projector, *, rank: int, update_gap: int = 200,
                  scale: float = 0.25, rotate_moments: bool = False):
-        if not isinstance(update_gap, int) or update_gap < 1:
-            raise ConfigError(f"update_gap must be a positive int, got {update_gap!r}")
-        check_positive("low-rank projection", "scale", scale)
         self.inner, self.projector = inner, projector
-        self.rank, self.update_gap, self.scale, self.rotate_moments = rank, update_gap, float(scale), rotate_moments
+        self.rank, self.rotate_moments = rank, rotate_moments
+        self.update_gap, self.scale = self._gap(update_gap), check_positive("low-rank projection", "scale", scale)
+
+    @staticmethod
+    def _gap(update_gap) -> int:
+        if not isinstance(update_gap, int) or isinstance(update_gap, bool) or update_gap < 1:
+            raise ConfigError(f"update_gap must be a positive int, got {update_gap!r}")
+        return update_gap
+
+    # -- hyperparameters a scheduler may change: scale, update_gap (from the next refresh on), the inner's
+    def hyper(self):
+        return {**self.inner.hyper(), "scale": self.scale, "update_gap": self.update_gap}
+
+    def set_hyper(self, values):
+        gap = self._gap(values.get("update_gap", self.update_gap))
+        scale = check_positive("low-rank projection", "scale", values.get("scale", self.scale))
+        own = self._check_own(values)
+        self.inner.set_hyper({k: values[k] for k in self.inner.hyper() if k in values})   # checks, then applies
+        self.update_gap, self.scale = gap, scale
+        for k, v in own.items():
+            setattr(self, k, v)
+
+    def _check_own(self, values) -> dict:
+        """A subclass's own hyperparameters from ``values``, checked (attribute name -> value)."""
+        return {}
 
     # -- state
     def init(self, p: Tensor, index: int = 0) -> LowRankState:
