@@ -254,6 +254,25 @@ def test_sltrain_runs_in_bfloat16_on_cpu():
     assert a.sparse_value.grad is not None and a.sparse_value.grad.dtype == torch.bfloat16
 
 
+def test_released_base_weights_stay_released_through_model_to():
+    from lowrank.core.layers import is_released
+
+    model = tiny_llama()
+    parameterise(model, "lowrank", rank=4)
+    layers = [layer for _, layer in lowrank.adapted_layers(model)]
+    assert all(is_released(layer.base_layer.weight) for layer in layers)
+    ids = _ids()
+    before = model(input_ids=ids).logits
+    model.to(torch.float64)
+    for layer in layers:
+        w = layer.base_layer.weight
+        assert is_released(w) and w.dtype == torch.float64 and w.shape == layer.base.weight.shape
+    torch.testing.assert_close(model(input_ids=ids).logits, before.double(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError):       # a failing conversion leaves the released weight in place
+        model._apply(lambda t: (_ for _ in ()).throw(RuntimeError("boom")) if t.dim() == 2 else t)
+    assert all(is_released(layer.base_layer.weight) for layer in layers)
+
+
 # ---- LOST -------------------------------------------------------------------------------------------------
 def test_lost_splits_the_init_spectrum():
     model = tiny_llama()

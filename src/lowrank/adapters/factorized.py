@@ -158,8 +158,7 @@ def release_base_weights(model: nn.Module, name: str = "default") -> int:
     scalar (same shape, no storage): shapes and module introspection still work, and it leaves
     the state dict, so checkpoints neither save nor expect it.  After this, ``merge``/``unmerge``/
     ``disabled`` are no longer meaningful for those layers: save with :func:`plain_state_dict`.
-    ``model.to(dtype or device)`` converts the zero-stride views into full tensors again: move the
-    model first, or call this again after moving it.
+    ``model.to(dtype or device)`` keeps them released (only their scalar is converted).
     """
     freed = 0
     for _, layer in adapted_layers(model):

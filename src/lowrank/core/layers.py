@@ -125,6 +125,22 @@ class AdaptedLayer(nn.Module):
                 raise
             return getattr(modules["base_layer"], name)
 
+    def _apply(self, fn, recurse=True):
+        # nn.Module's hook for .to()/.float()/.cuda()...: a released base weight (a zero-stride view
+        # of one scalar) would come out as a full dense tensor; convert only its scalar instead
+        bufs = self.base_layer._buffers
+        w = bufs.get("weight")
+        if w is None or not is_released(w):
+            return super()._apply(fn, recurse)
+        del bufs["weight"]
+        try:
+            out = super()._apply(fn, recurse)
+        except BaseException:
+            bufs["weight"] = w
+            raise
+        bufs["weight"] = fn(w.as_strided((), ())).expand(w.shape)
+        return out
+
     # -- forward ---------------------------------------------------------------------------
     def fused_adapter(self, x: torch.Tensor) -> "Adapter | None":
         """The single live adapter, if it can compute this whole layer on ``x`` in one fused op."""
