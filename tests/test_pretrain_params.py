@@ -268,9 +268,10 @@ def test_released_base_weights_stay_released_through_model_to():
         w = layer.base_layer.weight
         assert is_released(w) and w.dtype == torch.float64 and w.shape == layer.base.weight.shape
     torch.testing.assert_close(model(input_ids=ids).logits, before.double(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError):       # a failing conversion leaves the released weight in place
-        model._apply(lambda t: (_ for _ in ()).throw(RuntimeError("boom")) if t.dim() == 2 else t)
-    assert all(is_released(layer.base_layer.weight) for layer in layers)
+    for fails_on in (2, 0):                 # a failing conversion (of a weight, of the scalar) leaves it in place
+        with pytest.raises(RuntimeError):
+            model._apply(lambda t: (_ for _ in ()).throw(RuntimeError("boom")) if t.dim() == fails_on else t)
+        assert all(is_released(layer.base_layer.weight) for layer in layers)
 
 
 # ---- LOST -------------------------------------------------------------------------------------------------

@@ -333,3 +333,57 @@ def test_update_gap_is_restored_from_a_state_dict_and_honoured_from_the_next_ref
     train_steps(mb, c, 7)                               # steps 2..8: refresh at 8, next at 10
     q = c.param_groups[1]["params"][0]
     assert c.state[q]["s"].next_refresh == 10
+
+
+def test_each_group_keeps_its_own_hyperparameters_and_a_chain_leaves_shared_keys_fixed():
+    from lowrank.optim import LowRankOptimizer
+    from lowrank.optim.transforms import AdamW, SGDMomentum, chain
+
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    tb = AdamW(betas=(0.5, 0.6), eps=1e-3)
+    opt = LowRankOptimizer([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.1}], [AdamW(), tb])
+    assert opt.param_groups[1]["betas"] == (0.5, 0.6) and opt.param_groups[1]["eps"] == 1e-3
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    assert (tb.b1, tb.b2, tb.eps) == (0.5, 0.6, 1e-3)
+    c = chain(SGDMomentum(0.5), SGDMomentum(0.0))        # "momentum" would be ambiguous: not in the group
+    p = torch.nn.Parameter(torch.zeros(4))
+    o = LowRankOptimizer([{"params": [p], "lr": 1.0}], [c])
+    assert "momentum" not in o.param_groups[0]
+    for _ in range(2):
+        p.grad = torch.ones(4)
+        o.step()
+    assert [t.mu for t in c.transforms] == [0.5, 0.0]
+    assert p.detach().tolist() == [-2.5] * 4             # 1, then (0.5 * 1 + 1)
+
+
+def test_layerwise_bad_hyperparameter_is_refused_before_any_update():
+    m = tiny_llama(0)
+    opt = lo.galore(m, lr=1e-2, rank=4, layerwise=True)
+    opt.param_groups[1]["betas"] = (1.5, 0.999)
+    before = _weights(m)
+    with pytest.raises(ConfigError, match=r"param group 1 \(galore\).*betas"):
+        m(**batch(0)).loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(m)))
+    opt.param_groups[1]["betas"] = (0.9, 0.999)
+    m.zero_grad(set_to_none=True)
+    m(**batch(0)).loss.backward()                        # fixed: the next backward updates normally
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, _weights(m)))
+
+
+def test_state_dict_with_bad_hyperparameters_is_refused_at_load():
+    m = tiny_llama(0)
+    a = lo.galore(m, lr=1e-3, rank=4)
+    train_steps(m, a, 1)
+    sd = a.state_dict()
+    sd["param_groups"][1]["betas"] = (0.9, 1.5)
+    b = lo.galore(m, lr=1e-3, rank=4)
+    train_steps(m, b, 1)
+    before = b.state_dict()
+    with pytest.raises(ConfigError, match=r"optimizer state_dict: param group 1.*betas"):
+        b.load_state_dict(sd)
+    assert b.param_groups[1]["betas"] == (0.9, 0.999)
+    after = b.state_dict()
+    assert all(torch.equal(x, after["state"][k][n]) for k in before["state"]
+               for n, x in before["state"][k].items() if torch.is_tensor(x))

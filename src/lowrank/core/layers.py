@@ -130,15 +130,16 @@ class AdaptedLayer(nn.Module):
         # of one scalar) would come out as a full dense tensor; convert only its scalar instead
         bufs = self.base_layer._buffers
         w = bufs.get("weight")
-        if w is None or not is_released(w):
+        if not recurse or w is None or not is_released(w):
             return super()._apply(fn, recurse)
         del bufs["weight"]
         try:
             out = super()._apply(fn, recurse)
+            new = fn(w.as_strided((), ())).expand(w.shape)
         except BaseException:
             bufs["weight"] = w
             raise
-        bufs["weight"] = fn(w.as_strided((), ())).expand(w.shape)
+        bufs["weight"] = new
         return out
 
     # -- forward ---------------------------------------------------------------------------

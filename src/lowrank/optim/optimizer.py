@@ -68,10 +68,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # scheduler that looks for "betas"/"momentum" in defaults, e.g. OneCycleLR, finds them)
         hypers = [tf.hyper() for tf in transforms]
         shared = set.intersection(*(set(h) for h in hypers)) if hypers else set()
+        groups = [{**h, **g} for g, h in zip(groups, hypers)]   # each group its own values, before defaults fill in
         super().__init__(groups, {"lr": 1e-3, "weight_decay": 0.0, **{k: hypers[0][k] for k in sorted(shared)}})
-        for g, h in zip(self.param_groups, hypers):
-            for k, v in h.items():
-                g.setdefault(k, v)
         self._transforms = list(transforms)
         self._names = names or {}
         self.nonfinite = nonfinite
@@ -133,26 +131,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._update(gi, ps)
         return loss
 
-    def _check_hyper(self) -> None:
+    def _check_hyper(self, groups: list[dict] | None = None, where: str = "param group") -> None:
         """Every group's hyperparameters, checked before anything is updated (a bad value, e.g. set by
         hand in ``param_groups``, raises ConfigError naming the group and key; nothing changes)."""
         saved = [tf.hyper() for tf in self._transforms]
         try:
-            for gi in range(len(self.param_groups)):
-                self._sync_hyper(gi)
+            for gi, g in enumerate(groups or self.param_groups):
+                self._sync_hyper(gi, g, where)
         finally:   # transforms may be shared between groups: leave them as they were
             for tf, h in zip(reversed(self._transforms), reversed(saved)):
                 tf.set_hyper(h)
 
-    def _sync_hyper(self, gi: int) -> None:
+    def _sync_hyper(self, gi: int, group: dict | None = None, where: str = "param group") -> None:
         """Hand group ``gi``'s current hyperparameters to its transform (schedulers edit the group)."""
-        group, tf = self.param_groups[gi], self._transforms[gi]
+        group, tf = self.param_groups[gi] if group is None else group, self._transforms[gi]
         keys = tf.hyper()
         if keys:
             try:
                 tf.set_hyper({k: group.get(k, v) for k, v in keys.items()})
             except ConfigError as e:
-                raise ConfigError(f"param group {gi} ({group.get('method')}): {e}") from None
+                raise ConfigError(f"{where} {gi} ({group.get('method')}): {e}") from None
 
     def _update(self, gi: int, ps: list[Tensor]) -> None:
         self._sync_hyper(gi)
@@ -183,6 +181,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 del dirs, dense
 
     def _layerwise_hook(self, p: Tensor) -> None:
+        if not self._fired:         # the first update of this backward: check every group before any runs
+            self._check_hyper()
         if p in self._fired:
             raise ConfigError(
                 f"layer-wise mode: {self.name_of(p)} received a second gradient before optimizer.step(); "
@@ -228,6 +228,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 if sg.get(k) != g.get(k):
                     raise ConfigError(f"optimizer state_dict: param group {gi} was saved with {k}={sg.get(k)!r}, "
                                       f"this optimizer has {k}={g.get(k)!r}")
+        self._check_hyper(saved_groups, "optimizer state_dict: param group")
         new_state: dict[Tensor, dict] = {}
         saved_state = state_dict["state"]
         for gi, g in enumerate(self.param_groups):

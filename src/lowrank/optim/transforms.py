@@ -174,13 +174,16 @@ class Chain(Transform):
         return grads
 
     def hyper(self):
-        return {k: v for t in self.transforms for k, v in t.hyper().items()}
+        # a key two parts both have would be ambiguous in one param group: it is left out (fixed)
+        keys = [k for t in self.transforms for k in t.hyper()]
+        return {k: v for t in self.transforms for k, v in t.hyper().items() if keys.count(k) == 1}
 
     def set_hyper(self, values):
         old = [t.hyper() for t in self.transforms]
         try:
+            own = self.hyper()
             for t in self.transforms:
-                t.set_hyper({k: values[k] for k in t.hyper() if k in values})
+                t.set_hyper({k: values[k] for k in t.hyper() if k in values and k in own})
         except ConfigError:
             for t, h in zip(self.transforms, old):   # all or nothing
                 t.set_hyper(h)
