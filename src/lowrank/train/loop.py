@@ -462,7 +462,9 @@ class Trainer:
         if c.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=c.steps, initial=self.step, desc=c.method, unit="step", dynamic_ncols=True, leave=True)
+            # in a log file (not a terminal) a redraw every 0.1 s would write a line's worth per step
+            bar = tqdm(total=c.steps, initial=self.step, desc=c.method, unit="step", dynamic_ncols=True, leave=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 20.0)
         t = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0, "log": 0.0, "eval": 0.0, "checkpoint": 0.0}
         step_times: list[float] = []
         losses: list[float] = []
