@@ -97,6 +97,9 @@ def randomized_svd(
     captured subspace by a factor (s_{r+p+1} / s_r)^2 per iteration.
     """
     m, n = w.shape
+    if m < n:  # a wide W: sketch W^T = V S U^T (as torch.svd_lowrank does; the sketch is on the short side)
+        v, s, uh = randomized_svd(w.mT, rank, niter=niter, oversample=oversample, seed=seed)
+        return uh.mT, s, v.mT
     q = min(rank + oversample, m, n)
     g = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, q, generator=g, dtype=w.dtype).to(w.device)  # (n, q)
