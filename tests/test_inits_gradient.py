@@ -122,7 +122,9 @@ def test_lora_sb_default_sign_update_and_two_factor_variant():
     torch.testing.assert_close(a.delta_weight(), _truncate(-1e-4 * g.sign(), 4), atol=1e-8, rtol=1e-4)
 
 
-def test_eva_reads_the_top_right_singular_vectors_of_the_layer_inputs():
+def test_eva_reads_the_principal_directions_of_the_layer_inputs():
+    """A = the top right singular vectors of the *centred* inputs (a PCA, as the paper's incremental
+    PCA); the uncentred top vectors are a different subspace here, so the test tells them apart."""
     batches = _batches(2)
     model = tiny_llama()
     seen = []
@@ -132,11 +134,13 @@ def test_eva_reads_the_top_right_singular_vectors_of_the_layer_inputs():
             model(**b)
     h.remove()
     x = torch.cat(seen).double()  # (tokens, in)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    _, _, raw = torch.linalg.svd(x, full_matrices=False)
     lowrank.adapt(model, "dora", rank=4, targets=TARGETS, init="eva", calibration=batches)
     a = model.model.layers[0].mlp.down_proj.adapters["default"]
     assert torch.count_nonzero(a.B) == 0
     assert torch.linalg.svdvals(vh[:4].float() @ a.A.T).min() > 0.999  # same 4-dim subspace
+    assert torch.linalg.svdvals(raw[:4].float() @ a.A.T).min() < 0.99   # not the uncentred one
     torch.testing.assert_close(a.A @ a.A.T, torch.eye(4), atol=1e-5, rtol=0)
 
 

@@ -268,20 +268,43 @@ def weight_gradients(
     return {p: g / len(batches) for p, g in sums.items()}
 
 
+def _token_mask(batch: Any) -> torch.Tensor | None:
+    """Which token positions of a batch are data: attention_mask != 0 and labels != -100 (as PEFT's
+    EVA), or None when the batch carries neither."""
+    if not isinstance(batch, Mapping):
+        return None
+    mask = None
+    for key, keep in (("attention_mask", lambda t: t != 0), ("labels", lambda t: t != -100)):
+        t = batch.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point():
+            m = keep(t)
+            mask = m if mask is None or mask.shape != m.shape else mask & m
+    return mask
+
+
 def input_covariances(
     model: nn.Module, layers: dict[str, BaseLayer], batches: list[Any], init: str
 ) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per target layer, X^T X (in, in) in float64 over every input row seen, and the row count."""
-    acc: dict[str, list[Any]] = {p: [None, 0] for p in layers}
+    """Per target layer, the centred scatter (X - 1 mu^T)^T (X - 1 mu^T) (in, in) in float64 over
+    every input row seen, and the row count.  Rows at padding (attention_mask 0) or unlabelled
+    (labels -100) positions are left out when the layer sees one row per token of the batch."""
+    acc: dict[str, list[Any]] = {p: [None, None, 0] for p in layers}   # X^T X, column sums, rows
     hooks = []
+    current: list[torch.Tensor | None] = [None]
 
     def hook_for(path: str, width: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().reshape(-1, width).to(torch.float64)  # (tokens, in)
-            cov = x.T @ x
-            acc[path][0] = cov if acc[path][0] is None else acc[path][0] + cov
-            acc[path][1] += x.shape[0]
+            x = x.detach()
+            mask = current[0]
+            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask.to(x.device)]                               # (kept tokens, in)
+            x = x.reshape(-1, width).to(torch.float64)                 # (tokens, in)
+            a = acc[path]
+            cov, total = x.T @ x, x.sum(0)
+            a[0] = cov if a[0] is None else a[0] + cov
+            a[1] = total if a[1] is None else a[1] + total
+            a[2] += x.shape[0]
 
         return hook
 
@@ -290,11 +313,12 @@ def input_covariances(
             hooks.append(b.module.register_forward_pre_hook(hook_for(path, b.in_features), with_kwargs=True))
         with torch.no_grad():
             for i, batch in enumerate(batches):
+                current[0] = _token_mask(batch)
                 _call(model, batch, init, i)
     finally:
         for h in hooks:
             h.remove()
-    missing = [p for p, (c, _) in acc.items() if c is None]
+    missing = [p for p, (c, _, _) in acc.items() if c is None]
     if missing:
         raise CalibrationError(f"init {init!r}: calibration batches never reached {missing[0]!r}")
-    return {p: (c, n) for p, (c, n) in acc.items()}
+    return {p: (c - torch.outer(t, t) / max(n, 1), n) for p, (c, t, n) in acc.items()}

@@ -1,14 +1,17 @@
 """EVA-style activation init: Explained Variance Adaptation (Paischer et al., 2024), simplified.
 
-collect(): for every target layer, the right singular vectors of its stacked inputs X (tokens x in)
-over the calibration batches, from the exact eigendecomposition of X^T X (accumulated in float64).
+collect(): for every target layer, the principal directions of its inputs X (tokens x in) over the
+calibration batches, from the exact eigendecomposition of the centred scatter (X - 1 mu^T)^T (X - 1 mu^T)
+(accumulated in float64).  As in the paper's code (an incremental PCA) and PEFT, the inputs are
+centred, and padding (attention_mask 0) and unlabelled (labels -100) positions are left out.
 
     A = V_r^T  (the r directions of largest input variance, orthonormal rows),   B = 0
 
 so the model is unchanged at step 0 and W is not modified; the adapter starts reading the input
-directions that carry most of the activation energy.  Not implemented from the paper: its
-incremental SVD over minibatches with a convergence test, and the redistribution of ranks across
-layers by explained variance (every layer here gets the same rank); inputs are not centred (as in EVA).
+directions that carry most of the activation variance.  Not implemented from the paper: its
+incremental SVD over minibatches with a convergence test (the eigendecomposition here is exact over
+all batches), the redistribution of ranks across layers by explained variance (every layer here
+gets the same rank), and PEFT's optional whitening (which does not change the subspace).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class EVA(Init):
         r = adapter.rank
         if n < r:
             raise ShapeError(f"init {self.name!r}: {stats.path!r} saw {n} input rows in calibration, fewer than rank {r}")
-        evals, evecs = torch.linalg.eigh(cov)  # ascending; X^T X = V S^2 V^T
+        evals, evecs = torch.linalg.eigh(cov)  # ascending; centred X^T X = V S^2 V^T
         top = evecs[:, torch.argsort(evals, descending=True)[:r]]  # (in, r)
         set_factors(adapter, top.T, torch.zeros(adapter.out_features, r))
         return None
