@@ -24,6 +24,25 @@ def test_router_mixture_of_heads():
     assert sum(p.numel() for _, p in lowrank.trainable_parameters(m)) == 4 * 32 + 3 * 4 * 48 + 3 * 32
 
 
+def test_with_dropout_the_router_reads_the_clean_input():
+    """Reference: route = softmax(W_g x), heads B_i A dropout(x) (the same dropout mask here)."""
+    m = layer(32, 48)
+    lowrank.adapt(m, "hydralora", rank=4, n_heads=3, dropout=0.5)
+    perturb(m)
+    m.train()
+    a, x = adapter_of(m), x_in()
+    torch.manual_seed(3)
+    out = m(x)
+    torch.manual_seed(3)
+    xd = torch.nn.functional.dropout(x, 0.5, training=True)
+    w = a.route(x)                                             # clean input
+    h = xd @ a.lora_A.weight.T
+    expect = m[0].base_layer(x) + a.scaling * sum(w[:, i : i + 1] * (h @ a.lora_B[i].T) for i in range(3))
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
+    wrong = m[0].base_layer(x) + a.scaling * sum(a.route(xd)[:, i : i + 1] * (h @ a.lora_B[i].T) for i in range(3))
+    assert not torch.allclose(out, wrong, atol=1e-3)
+
+
 def test_balance_loss_is_differentiable_and_summed_by_lowrank_aux_loss():
     m = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 16))
     lowrank.adapt(m, "hydralora", rank=4, n_heads=4, balance_weight=0.1)

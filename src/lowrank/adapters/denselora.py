@@ -7,7 +7,8 @@
 As in the reference code, each kind of projection (q, k, v, up, down ...) has its own
 encoder/decoder shared across all transformer blocks; here a "kind" is the module's last
 name component plus its shape.  E is Kaiming-uniform, D zero (ΔH = 0 at init), M
-Kaiming-uniform; all three train.  The update is nonlinear in x, so it cannot be merged into W.
+Kaiming-uniform; all three train.  ``dropout`` applies where the reference applies it: on the
+input and after each GELU.  The update is nonlinear in x, so it cannot be merged into W.
 Trainable parameters: r² per layer, plus r · (in + out) once per kind.
 The shared pair is saved once, under the first layer of its kind.
 """
@@ -89,10 +90,12 @@ class DenseLoRA(Adapter):
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    applies_own_dropout = True  # as the reference: on the input and after each GELU
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
-        c = self.lora_codec
-        h = F.gelu(F.linear(x, c.encoder))  # (..., r)   σ(E x)
-        h = F.gelu(F.linear(F.linear(h, self.lora_M), c.decoder))  # (..., out) σ(D M h)
+        c, drop = self.lora_codec, self.dropout
+        h = drop(F.gelu(F.linear(drop(x), c.encoder)))  # (..., r)   σ(E x)
+        h = drop(F.gelu(F.linear(F.linear(h, self.lora_M), c.decoder)))  # (..., out) σ(D M h)
         return base_out + (self.scaling * h).to(base_out.dtype)
 
     @classmethod

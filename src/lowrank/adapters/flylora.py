@@ -1,8 +1,9 @@
 """FlyLoRA: implicit rank-wise mixture of experts (Zou et al., NeurIPS 2025).
 
 Inspired by the fly olfactory circuit: a *frozen* sparse random projection A both projects and
-routes.  Each row of A has p = ⌈ρ·in⌉ non-zeros drawn from N(0, 1/r²) (ρ = k/r by default); the
-top-k rank components by magnitude are active per token, and only their columns of B are used:
+routes.  Each row of A has p = max(1, ⌊ρ·in⌋) non-zeros drawn from N(0, 1/r²) (ρ = k/r by default;
+rounded down as the reference's ``flylora.py``); the top-k rank components by magnitude are active
+per token, and only their columns of B are used:
 
     y = A x,   S = top-k of |y + d|,   h = W x + (alpha / r) · B (1_S ⊙ y)
 
@@ -10,14 +11,15 @@ Only B (out × r, zero at init) trains.  Load balancing is bias-based with no ro
 every training forward d_i += γ · sign(mean load − load_i) (the reference's update), so
 :meth:`aux_loss` is None.  The update depends on the input: ``merge`` raises MergeError.
 A and d are saved with the adapter (buffers), so a loaded adapter routes identically.
-The default alpha is 2r, as in the reference.
+The default alpha is 2r, as in the reference.  This follows the repository's minimal
+``flylora.py``; its PEFT-based experiment code differs (top-k of the signed A x + d, the bias also
+updated in eval mode, in // (r/k) non-zeros per row whatever the density).
 
 Trainable parameters per layer: out · r.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -54,7 +56,7 @@ class FlyLoRA(Adapter):
         self.top_k = k = int(top_k) or max(1, rank // 4)
         self.bias_lr = float(bias_lr)
         rho = float(density) or k / rank
-        p = max(1, math.ceil(rho * self.in_features))  # non-zeros per row of A
+        p = max(1, int(rho * self.in_features))  # non-zeros per row of A (rounded down, as the reference)
         A = torch.zeros(rank, self.in_features)
         cols = torch.rand(rank, self.in_features).argsort(dim=-1)[:, :p]  # p random columns per row
         A.scatter_(1, cols, torch.randn(rank, p) / rank)

@@ -5,8 +5,9 @@ router on the input:
 
     ω(x) = softmax(W_g x) ∈ Δ^N,      h = W x + (alpha / r) · Σ_i ω_i(x) B_i A x
 
-A is Kaiming-uniform, every B_i zero (starts at W), W_g (N, in) like a Linear layer.  The update
-depends on the input, so the layer cannot be merged (``merge`` raises MergeError).
+A is Kaiming-uniform, every B_i zero (starts at W), W_g (N, in) like a Linear layer.  With
+``dropout``, the heads read dropout(x) and the router the clean x, as in the reference code.  The
+update depends on the input, so the layer cannot be merged (``merge`` raises MergeError).
 
 Load balancing: the paper trains the router with the task loss only (``balance_weight=0``,
 the default).  With ``balance_weight > 0`` the adapter also exposes the Switch-Transformer
@@ -85,9 +86,11 @@ class HydraLoRA(Adapter):
         """Router weights ω(x) (..., N); each row sums to one."""
         return torch.softmax(self.lora_route(x), dim=-1)
 
+    applies_own_dropout = True  # the router reads the clean input, the heads the dropped-out one
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
         w = self.route(x)  # (..., N)
-        h = F.linear(x, self.lora_A.weight)  # (..., r)       A x
+        h = F.linear(self.dropout(x), self.lora_A.weight)  # (..., r)       A dropout(x)
         heads = torch.einsum("...r,nor->...no", h, self.lora_B)  # (..., N, out)  B_i A x
         y = torch.einsum("...n,...no->...o", w, heads)  # (..., out)     Σ ω_i B_i A x
         if self.training and self.balance_weight > 0:

@@ -11,6 +11,8 @@ it to the sparse phase.  With M applied in the forward pass, masked entries get 
 gradient, and calibration zeroes them (``reset=True``, the default, restarts B from zero as
 LoRI-S does), so B keeps exactly the mask's sparsity through any optimizer steps.
 
+The default alpha is 2r, as in every script of the reference code.
+
 Trainable tensor: the dense (out, r) B (r · out numbers, of which (1 - sparsity) can move
 after calibration).  M (bool) is saved with B (it is the task's identity); A is regenerated
 from ``seed`` and the module path (the file holds a 1-number fingerprint of it).
@@ -57,6 +59,10 @@ class LoRI(FrozenRandomA):
         self.register_buffer("lori_mask", torch.ones(self.out_features, rank, dtype=torch.bool))  # M, all True = dense phase
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))  # (out, r)
 
+    @classmethod
+    def default_alpha(cls, rank: int) -> float:
+        return 2.0 * rank  # lora_alpha = 2 r in the reference's scripts
+
     @property
     def B(self) -> torch.Tensor:  # the effective sparse factor B ⊙ M
         return self.lora_B * self.lori_mask
@@ -90,13 +96,13 @@ def calibrate_masks(model: nn.Module, name: str = "default", *, scope: str = "mo
     if scope == "model":
         scores = torch.cat([a.lora_B.abs().flatten().float().cpu() for _, a in layers])
         sparsity = layers[0][1].sparsity
-        keep = max(1, int(round((1.0 - sparsity) * scores.numel())))
+        keep = max(1, int((1.0 - sparsity) * scores.numel()))  # rounded down, as the reference
         thresh = torch.topk(scores, keep).values.min()
     out: dict[str, float] = {}
     for p, a in layers:
         score = a.lora_B.abs()
         if scope == "layer":
-            keep = max(1, int(round((1.0 - a.sparsity) * score.numel())))
+            keep = max(1, int((1.0 - a.sparsity) * score.numel()))
             idx = torch.topk(score.flatten(), keep).indices
             mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
             mask[idx] = True

@@ -45,6 +45,10 @@ class Adapter(nn.Module):
     #: the update depends on W itself (DoRA's norm, Bone's weight guide): it cannot be stacked on a
     #: full-weight parameterisation, whose W is not the layer's weight
     reads_base_weight: ClassVar[bool] = False
+    #: :meth:`forward` receives the layer input itself and applies ``self.dropout`` where its paper
+    #: does (HydraLoRA's router reads the clean input; DenseLoRA drops out after each GELU too);
+    #: otherwise the wrapper passes the input after the adapter's dropout
+    applies_own_dropout: ClassVar[bool] = False
     #: the adapter can compute base layer + update in one fused op (:meth:`forward_fused`);
     #: the wrapper uses it when this is the only live adapter on a plain ``layer(x)`` call
     fuses_base: ClassVar[bool] = False
@@ -67,7 +71,8 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None, base: BaseLayer) -> torch.Tensor:
         """Layer output with this adapter applied.
 
-        x: (..., in) after the adapter's dropout; base_out: (..., out) = W x + b as computed by
+        x: (..., in) after the adapter's dropout (the input itself with ``applies_own_dropout``);
+        base_out: (..., out) = W x + b as computed by
         the base layer (None when ``replaces_base``); base: the frozen layer, for methods whose
         output depends on W itself (DoRA's norm, Bone's weight guide).
         """

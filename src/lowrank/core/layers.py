@@ -195,7 +195,7 @@ class AdaptedLayer(nn.Module):
 
     def _run_adapter(self, name: str, x: torch.Tensor, base_out):
         adapter: Adapter = self.adapters[name]
-        xa = adapter.dropout(x)
+        xa = x if adapter.applies_own_dropout else adapter.dropout(x)
         if xa.dtype != adapter.compute_dtype:
             xa = xa.to(adapter.compute_dtype)
         return adapter(xa, base_out, self.base)
