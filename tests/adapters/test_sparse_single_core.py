@@ -134,7 +134,7 @@ def test_pmss_rank_too_large():
 # ---- LaMDA ------------------------------------------------------------------------------------
 def test_lamda_A_frozen_core_trains_and_B_freezes_on_schedule():
     m = tiny_llama()
-    lowrank.adapt(m, "lamda", targets=["q_proj", "down_proj"], rank=4, freeze_b_steps=2)
+    lowrank.adapt(m, "lamda", targets=["q_proj", "down_proj"], rank=4, freeze_b_steps=2, freeze_b="all")
     A0 = {p: a.lamda_A.clone() for p, a in _ads(m).items()}
     assert lowrank.count_parameters(m)[0] == 4 * (4 * 32 + 4 * 4)
     opt = _train(m, steps=2)
@@ -153,6 +153,31 @@ def test_lamda_A_frozen_core_trains_and_B_freezes_on_schedule():
         assert not torch.equal(a.lamda_S.detach(), S_before[p])
         assert torch.equal(a.lamda_A, A0[p])
     assert lowrank.count_parameters(m)[0] == 4 * 16
+
+
+def test_lamda_freezes_b_one_column_at_a_time_by_default():
+    """The reference's schedule: from step t on, the first t // T columns of B get no gradient;
+    at t = r T all of B is frozen.  Plain SGD, so a column without gradient does not move."""
+    m = tiny_llama()
+    lowrank.adapt(m, "lamda", targets=["q_proj"], rank=4, freeze_b_steps=2)
+    m.train()
+    ads = _ads(m)
+    opt = torch.optim.SGD([p for _, p in lowrank.trainable_parameters(m)], lr=0.5)
+    last_moved = {p: [0] * 4 for p in ads}
+    for step in range(1, 11):
+        before = {p: a.lamda_B.detach().clone() for p, a in ads.items()}
+        opt.zero_grad()
+        m(X, labels=X).loss.backward()
+        opt.step()
+        for p, a in ads.items():
+            for j in range(4):
+                if not torch.equal(a.lamda_B[:, j], before[p][:, j]):
+                    last_moved[p][j] = step
+    for p, a in ads.items():
+        assert last_moved[p] == [2, 4, 6, 8], p      # column j trains for the first 2 (j + 1) steps
+        assert not a.lamda_B.requires_grad
+    with pytest.raises(lowrank.ConfigError, match="freeze_b"):
+        lowrank.adapt(tiny_llama(), "lamda", targets=["q_proj"], rank=4, freeze_b="rows")
 
 
 def test_lamda_svd_init_starts_at_base():

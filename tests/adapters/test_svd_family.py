@@ -76,6 +76,31 @@ def test_salt_top_spectrum_scaled_and_rest_update_confined_to_remaining_subspace
     assert cls.trainable_count(32, 32, 4, lora_rank=2) == 8 + 2 * 28 * 2
 
 
+def test_salt_regulariser_is_the_reference_penalty_through_aux_loss():
+    """reg_weight · (‖diag(aσ+b) − diag(σ)‖_F + ‖X Y‖_F); none by default; finite gradients at Y = 0."""
+    m = tiny_llama()
+    lowrank.adapt(m, "salt", targets=["q_proj"], rank=4, lora_rank=2, reg_weight=0.01)
+    m.train()
+    _, layer = _one(m)
+    a = layer.adapters["default"]
+    loss = lowrank.aux_loss(m)
+    assert loss.item() == 0.0                          # a = 1, b = 0, Y = 0 at init
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in (a.salt_X, a.salt_Y, a.salt_scale, a.salt_shift))
+    with torch.no_grad():
+        a.salt_scale.mul_(1.5)
+        a.salt_shift.add_(0.1)
+        a.salt_Y.normal_()
+    s0 = a.salt_sigma0
+    expect = 0.01 * ((0.5 * s0 + 0.1).norm() + (a.salt_X @ a.salt_Y).norm())
+    torch.testing.assert_close(lowrank.aux_loss(m), expect, rtol=1e-5, atol=1e-7)  # the other layer adds 0
+    plain = tiny_llama()
+    lowrank.adapt(plain, "salt", targets=["q_proj"], rank=4, lora_rank=2)
+    assert lowrank.aux_loss(plain.train()) is None
+    with pytest.raises(lowrank.ConfigError, match="reg_weight"):
+        lowrank.adapt(tiny_llama(), "salt", targets=["q_proj"], rank=4, reg_weight=-1.0)
+
+
 def test_salt_bad_ranks():
     with pytest.raises(lowrank.ShapeError, match="remaining subspace"):
         lowrank.adapt(tiny_mlp(), "salt", targets=["4"], rank=16)

@@ -6,11 +6,17 @@
 As in the reference code, A is LoRA's Kaiming-uniform A (frozen), S is initialised like an
 nn.Linear (Kaiming-uniform) and B is zero (so ΔW = 0 at init).  ``projection_init="svd"`` instead takes
 A = V_r^T and B = U_r from W's top-r singular vectors with S = 0 (the "spectral" variant).
-B trains only during the first ``freeze_b_steps`` training steps (t counts this adapter's
-training-mode forward passes, a saved buffer; ``set_step`` sets it), then it is frozen
-(requires_grad off, its gradient dropped, so optimizers skip it); 0 never freezes.  The paper
-freezes PMB gradually early in training; freezing the whole B at one step is our reading of
-that schedule.  Trainable parameters at the start: r · out + r²; after freezing: r².
+The paper freezes PMB gradually early in training.  t counts this adapter's training-mode
+forward passes (a saved buffer; ``set_step`` sets it); ``freeze_b_steps`` = T (0 never freezes):
+
+* ``freeze_b="columns"`` (default, the reference code's schedule): from step t on, the first
+  ⌊t / T⌋ columns of B get no gradient (the reference zeroes them; an optimizer's momentum may
+  still move them, as there), and at t = r·T the whole B is frozen;
+* ``freeze_b="all"``: B trains for T steps, then all of it is frozen.
+
+Frozen means requires_grad off and its gradient dropped, so optimizers skip it.  The reference
+sets T to 0.3 × the run's total steps.  Trainable parameters at the start: r · out + r²; after
+freezing: r².
 """
 
 from __future__ import annotations
@@ -44,10 +50,11 @@ class LaMDA(Adapter):
         alpha: float | None = None,
         dropout: float = 0.0,
         freeze_b_steps: int = 100,
+        freeze_b: str = "columns",
         projection_init: str = "lora",
     ):
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
-        self.freeze_b_steps = int(freeze_b_steps)
+        self.freeze_b_steps, self.freeze_b = int(freeze_b_steps), freeze_b
         A = torch.empty(rank, self.in_features)
         S = torch.empty(rank, rank)
         B = torch.zeros(self.out_features, rank)
@@ -71,15 +78,21 @@ class LaMDA(Adapter):
         self._maybe_freeze()
 
     def _maybe_freeze(self) -> None:
-        if self.freeze_b_steps > 0 and int(self.lamda_step) >= self.freeze_b_steps and self.lamda_B.requires_grad:
+        whole = self.freeze_b_steps * (self.rank if self.freeze_b == "columns" else 1)
+        if self.freeze_b_steps > 0 and int(self.lamda_step) >= whole and self.lamda_B.requires_grad:
             self.lamda_B.requires_grad_(False)
             self.lamda_B.grad = None
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
+        B = self.lamda_B  # (out, r)
         if self.training and torch.is_grad_enabled():
             self._maybe_freeze()
+            if self.freeze_b == "columns" and self.freeze_b_steps > 0 and B.requires_grad:
+                k = int(self.lamda_step) // self.freeze_b_steps  # columns frozen so far (< r here)
+                if k:  # same values; the first k columns pass no gradient
+                    B = torch.cat([B[:, :k].detach(), B[:, k:]], dim=1)
             self.lamda_step.add_(1)
-        h = F.linear(F.linear(F.linear(x, self.lamda_A), self.lamda_S), self.lamda_B)  # (..., out)
+        h = F.linear(F.linear(F.linear(x, self.lamda_A), self.lamda_S), B)  # (..., out)
         return base_out + (self.scaling * h).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -92,6 +105,8 @@ class LaMDA(Adapter):
     @classmethod
     def validate(cls, base: BaseLayer, rank: int, path: str, **options: Any) -> None:
         cls.check_count_option(options, "freeze_b_steps", 100, path)
+        if options.get("freeze_b", "columns") not in ("columns", "all"):
+            raise ConfigError(f"lamda option freeze_b must be 'columns' or 'all', got {options.get('freeze_b')!r}")
         if options.get("projection_init", "lora") not in ("lora", "svd"):
             raise ConfigError(f"lamda option projection_init must be 'lora' or 'svd', got {options.get('projection_init')!r}")
         if rank > min(base.in_features, base.out_features):

@@ -14,6 +14,11 @@ the top-r singular values non-negative only (the rest term is a low-rank matrix,
 spectrum), which is what lets the update run in activation space:
 ΔW x = U_r (d ⊙ V_r^T x) + (U_rest X)(Y V_rest^T x),  d = relu(a σ_r + b) - σ_r.
 U and V (both complete, ~2x the weight's memory) are recomputed from W on load.
+
+Regulariser: the reference can add  reg_weight · (‖diag(a σ_r + b) − diag(σ_r)‖_F + ‖X Y‖_F)  to the
+training loss (its default multiplier 0.01; its released config uses 0).  ``reg_weight`` (default 0)
+exposes it through :meth:`aux_loss`; add ``lowrank.aux_loss(model)`` to the loss (``lowrank train``
+does).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._checks import is_finite_real
 from ..core.adapter import Adapter
 from ..core.layers import BaseLayer
 from ..errors import ConfigError, ShapeError
@@ -47,8 +53,10 @@ class SALT(Adapter):
         alpha: float | None = None,
         dropout: float = 0.0,
         lora_rank: int | None = None,
+        reg_weight: float = 0.0,
     ):
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
+        self.reg_weight = float(reg_weight)
         U, S, Vh = thin_svd(base.weight)
         n = S.shape[0]
         self.lora_rank = int(lora_rank) if lora_rank is not None else rank
@@ -74,6 +82,15 @@ class SALT(Adapter):
         rest = F.linear(F.linear(x, Q), P)  # (..., out)
         return base_out + (top + rest).to(base_out.dtype)
 
+    def aux_loss(self) -> torch.Tensor | None:
+        if not (self.training and self.reg_weight > 0):
+            return None
+        shift = self.salt_scale * self.salt_sigma0 + self.salt_shift - self.salt_sigma0  # (r,) diag(aσ+b) − diag(σ)
+        sq = ((self.salt_X.T @ self.salt_X) * (self.salt_Y @ self.salt_Y.T)).sum()  # ‖X Y‖_F² = tr(XᵀX · Y Yᵀ)
+        pos = sq > 0                    # at X Y = 0 (Y's init) the norm's subgradient 0, not sqrt's inf
+        xy = torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+        return self.reg_weight * (shift.norm() + xy)
+
     def delta_weight(self) -> torch.Tensor:
         r = self.rank
         d, P, Q = self._parts()
@@ -92,6 +109,9 @@ class SALT(Adapter):
                 f"salt rank {rank} must be below the {n} singular values of {path!r} "
                 f"({base.out_features}x{base.in_features}): the remaining subspace would be empty"
             )
+        w = options.get("reg_weight", 0.0)
+        if not is_finite_real(w) or w < 0:
+            raise ConfigError(f"salt option reg_weight must be a finite number >= 0 at {path!r}, got {w!r}")
         lr = options.get("lora_rank")
         if lr is not None and (not isinstance(lr, int) or isinstance(lr, bool) or lr < 1 or lr > n - rank):
             raise ConfigError(f"salt option lora_rank must be an integer in [1, {n - rank}] at {path!r}, got {lr!r}")
