@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -253,8 +252,8 @@ def test_state_encoding_round_trip():
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     # micro-batches 2 x 2 draw the same windows as one batch of 4: same loss and gradient norm
     kw = dict(BASE, method="full", steps=2, save_final=False, checkpoint_every=0)
-    a = Trainer(TrainConfig(out=str(tmp_path / "a"), **{**kw, "batch_size": 4})).fit()
-    b = Trainer(TrainConfig(out=str(tmp_path / "b"), **{**kw, "batch_size": 2, "grad_accum": 2})).fit()
+    Trainer(TrainConfig(out=str(tmp_path / "a"), **{**kw, "batch_size": 4})).fit()
+    Trainer(TrainConfig(out=str(tmp_path / "b"), **{**kw, "batch_size": 2, "grad_accum": 2})).fit()
     ra = [r for r in MetricsLog.read(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
     rb = [r for r in MetricsLog.read(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
     assert ra[0]["tokens"] == rb[0]["tokens"] == 4 * 32

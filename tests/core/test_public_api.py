@@ -5,12 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 import torch
 from torch import nn
 
 import lowrank
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 
 
 def _ids(seed=7):

@@ -8,7 +8,6 @@ import torch
 import lowrank
 from lowrank.errors import CheckpointError
 from lowrank.schedules import LISA, OwLore, outlier_ratio
-from conftest import tiny_llama
 
 
 def _ids(seed):

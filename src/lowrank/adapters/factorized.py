@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from ..core.adapter import Adapter, FactorAdapter
 from ..core.inject import adapted_layers
-from ..core.layers import AdaptedLayer, BaseLayer, is_released
+from ..core.layers import BaseLayer, is_released
 from ..errors import ConfigError, ShapeError
 from ..registry import register_method
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._checks import is_finite_real, is_real
-from ..errors import AlreadyAdaptedError, ConfigError, ShapeError, TargetError, UnsupportedLayerError
+from ..errors import AlreadyAdaptedError, ConfigError, TargetError, UnsupportedLayerError
 from .adapter import Adapter
 from .init import Init
 from .layers import LINEAR_TYPES, AdaptedLayer, BaseLayer

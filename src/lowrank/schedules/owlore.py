@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from ..core.layers import LINEAR_TYPES, BaseLayer
-from ..errors import ConfigError
 from .base import check_real
 from .lisa import LISA
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import AdapterOptimizer, adamw_, adamw_state_bytes, check_hparams, factor_pairs, gram_inv, other_trainables
+from ._common import AdapterOptimizer, adamw_state_bytes, check_hparams, factor_pairs, gram_inv, other_trainables
 from ...errors import ConfigError
 
 X_MODES = ("sylvester", "symmetry", "zero")

@@ -19,7 +19,6 @@ import importlib
 import pkgutil
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from ...errors import ConfigError, UnknownNameError

@@ -78,7 +78,6 @@ class Int4(Projector):
             index=index, transposed=int(transposed))
 
     def refresh(self, grads, states, step):
-        d = grads[0].shape[-1]
         tmp = [self.base.init(g.shape[-1], g, s.index, bool(s.transposed)) for g, s in zip(grads, states)]
         self.base.refresh(grads, tmp, step)
         for g, s, t in zip(grads, states, tmp):
