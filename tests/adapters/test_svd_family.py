@@ -124,7 +124,7 @@ def test_asymmetric_A_never_changes_and_is_orthonormal():
     assert names == {"lora_B"}
 
 
-def test_loldu_only_diagonal_and_scalar_train_and_ldu_reconstructs_W():
+def test_loldu_only_the_diagonal_trains_and_ldu_reconstructs_W():
     from lowrank.adapters.loldu import ldu
 
     W = tiny_mlp()[0].weight.detach()  # 48 x 32
@@ -132,9 +132,14 @@ def test_loldu_only_diagonal_and_scalar_train_and_ldu_reconstructs_W():
     torch.testing.assert_close((PL * D) @ U, W, atol=1e-5, rtol=0)
     m = tiny_llama()
     lowrank.adapt(m, "loldu", targets=["q_proj", "up_proj"], rank=4)
-    assert lowrank.count_parameters(m)[0] == 4 * (4 + 1)
+    assert lowrank.count_parameters(m)[0] == 4 * 4         # z only, as the reference (s = alpha / r = 1 / 4)
     names = {n.rsplit(".", 1)[1] for n, _ in lowrank.trainable_parameters(m)}
-    assert names == {"loldu_z", "loldu_scale"}
+    assert names == {"loldu_z"}
+    assert all(float(layer.adapters["default"].loldu_scale) == 0.25 for _, layer in lowrank.adapted_layers(m))
+    both = tiny_llama()
+    lowrank.adapt(both, "loldu", targets=["q_proj"], rank=4, train_scale=True)
+    assert {n.rsplit(".", 1)[1] for n, _ in lowrank.trainable_parameters(both)} == {"loldu_z", "loldu_scale"}
+    assert lowrank.count_parameters(both)[0] == 2 * (4 + 1)
     _train_steps(m, steps=2)
     for _, layer in lowrank.adapted_layers(m):
         a = layer.adapters["default"]

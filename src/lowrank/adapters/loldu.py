@@ -3,8 +3,10 @@
     W = P L D U            (LU with partial pivoting; L unit-lower, U unit-upper, D diagonal)
     W' = W - s0 P L_r diag(z0) U_r + s P L_r diag(z) U_r
 
-Only the diagonal z (r values, initialised to the top-r pivots D_r) and the scalar s
-(initialised to alpha/r) train: r + 1 parameters per layer.  The reference code moves the
+Only the diagonal z (r values, initialised to the top-r pivots D_r) trains: r parameters per
+layer, as in the reference code (which trains ``vector_z`` only; the paper's figure: the diagonal
+is trainable, everything else fixed).  The scalar s is alpha/r with the reference's alpha = 1 by
+default; ``train_scale=True`` also trains s (r + 1 parameters).  The reference code moves the
 initial principal part out of W; here W stays untouched and the update is the difference,
 ΔW = P L_r (s z - s0 z0) U_r, which is the same function (and merges exactly).
 P, L_r, U_r are recomputed from W on load; D_r is saved to check the base.
@@ -42,10 +44,11 @@ def ldu(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, to
 class LoLDU(Adapter):
     name = "loldu"
     paper = "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning (Shi et al., 2024), arXiv:2410.13618"
-    formula = "h = W x + P L_r ((s z - s0 z0) ⊙ U_r x)   (W = P L D U; only z (r) and s train)"
-    params_formula = "r + 1"
+    formula = "h = W x + P L_r ((s z - s0 z0) ⊙ U_r x)   (W = P L D U; only z (r) trains, s with train_scale)"
+    params_formula = "r  (r + 1 with train_scale)"
 
-    def __init__(self, base: BaseLayer, *, rank: int, alpha: float | None = None, dropout: float = 0.0):
+    def __init__(self, base: BaseLayer, *, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 train_scale: bool = False):
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
         PL, D, U = ldu(base.weight, rank)
         s0 = self.alpha / rank
@@ -54,7 +57,14 @@ class LoLDU(Adapter):
         self.register_buffer("loldu_z0", D.clone())  # (r,) saved: checks the base on load
         self.register_buffer("loldu_s0", torch.tensor(s0))
         self.loldu_z = nn.Parameter(D.clone())  # z (r,)
-        self.loldu_scale = nn.Parameter(torch.tensor(s0))  # s ()
+        if train_scale:
+            self.loldu_scale = nn.Parameter(torch.tensor(s0))  # s ()
+        else:
+            self.register_buffer("loldu_scale", torch.tensor(s0))  # s (), fixed as in the reference
+
+    @classmethod
+    def default_alpha(cls, rank: int) -> float:
+        return 1.0  # the reference's lora_alpha = 1: s = 1 / r
 
     def _coef(self) -> torch.Tensor:
         return self.loldu_scale * self.loldu_z - self.loldu_s0 * self.loldu_z0  # (r,)
@@ -68,7 +78,7 @@ class LoLDU(Adapter):
 
     @classmethod
     def trainable_count(cls, in_features: int, out_features: int, rank: int, **options: Any) -> int:
-        return rank + 1
+        return rank + (1 if options.get("train_scale") else 0)
 
     @classmethod
     def validate(cls, base: BaseLayer, rank: int, path: str, **options: Any) -> None:

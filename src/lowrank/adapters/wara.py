@@ -14,6 +14,12 @@ cost is exactly LoRA's and ΔW is never formed.  A is Kaiming-uniform, B zero.
 Only the Haar wavelet is implemented (orthonormal, so the transform pair is exact); both
 dimensions must be divisible by 2^levels.
 
+Faithfulness: this follows the paper's (v1) abstract, a low-rank factorisation of the weight
+update in the wavelet domain.  The v1 overview figure instead transforms the input embedding
+(half-size factors on the subbands), and the v2 paper reshapes patch tokens into a spatial grid
+with one shared adapter: those mix neighbouring tokens and cannot be merged into W.  The reference
+code was not available to settle it, so neither variant is implemented.
+
 Trainable parameters per layer: r · (in + out).
 """
 
