@@ -99,6 +99,17 @@ def test_singlora_symmetric_update_for_square_and_ramp_from_base():
     assert all(a.ramp() == 1.0 for a in _ads(m).values())
 
 
+def test_singlora_first_training_step_already_trains_a():
+    """t counts the current training step: u = 1/T at step 1, so A moves from the first step."""
+    m = tiny_llama()
+    lowrank.adapt(m, "singlora", targets=["q_proj"], rank=4, ramp_up_steps=4)
+    m.train()
+    m(X, labels=X).loss.backward()
+    for a in _ads(m).values():
+        assert int(a.singlora_step) == 1 and a.ramp() == 0.25
+        assert a.singlora_A.grad is not None and a.singlora_A.grad.abs().max() > 0
+
+
 def test_singlora_bad_options():
     with pytest.raises(lowrank.ConfigError, match="ramp_up_steps"):
         lowrank.adapt(tiny_llama(), "singlora", targets=["q_proj"], rank=4, ramp_up_steps=-1)

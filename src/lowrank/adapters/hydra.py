@@ -10,6 +10,12 @@ W' = (I + s B_s A_s) W + s B_p A_p.  Both B start at zero.  The sequential branc
 without the bias (the bias stays outside the merge).  Unmerging inverts (I + s B_s A_s) with
 the Woodbury identity (an r × r solve).
 
+Against the reference code (extremebird/Hydra): identical on bias-free layers (Llama-style).
+On a layer with a bias the reference's sequential branch reads W x + b and its merge also moves
+the bias (b' = b + s B_s A_s b); here the bias is left out, so the two differ by s B_s A_s b.
+``dropout`` applies to the parallel branch's input only (the reference's NLU code has none; its
+VTAB code drops each branch's rank-r hidden state).
+
 Trainable parameters per layer: r · (in + out) + 2 · r · out.
 """
 

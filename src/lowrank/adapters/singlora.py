@@ -7,7 +7,8 @@
 
 A single trainable A (Kaiming-uniform) replaces LoRA's pair: r · max(in, out) parameters.
 The model starts at the base function because u(0) = 0.  t counts the training-mode forward
-passes of this adapter (a persistent buffer, saved with A, so training resumes on the ramp);
+passes of this adapter, including the current one (so the first training step has u = 1/T and
+A gets a gradient; a persistent buffer, saved with A, so training resumes on the ramp);
 ``set_step`` sets it explicitly (e.g. from the optimizer step).  ``ramp_up_steps=0`` disables
 the ramp (u = 1).
 """
@@ -68,9 +69,9 @@ class SingLoRA(Adapter):
         self.singlora_step.fill_(int(step))
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
-        u = self.ramp()
         if self.training and torch.is_grad_enabled():
-            self.singlora_step.add_(1)
+            self.singlora_step.add_(1)  # counted first, as the public implementations: step 1 has u = 1/T
+        u = self.ramp()
         A = self.singlora_A
         h = F.linear(F.linear(x, A[: self.in_features].t()), A[: self.out_features])  # (..., out)
         return base_out + (self.scaling * u * h).to(base_out.dtype)

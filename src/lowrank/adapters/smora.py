@@ -1,23 +1,21 @@
 """SMoRA: Single-ranked Mixture of Experts LoRA (Zhao et al., 2025).
 
 Every rank of a LoRA is an expert: a router scores the r rank-one experts B_{:,i} A_{i,:} per
-token, the top-k are activated and mixed with their (renormalised) router weights:
+token, the top-k are activated and mixed with their renormalised scores (as the reference code,
+StyxXuan/smora, ``SRMoLELinear.forward``):
 
-    s(x) = softmax(W_g x) ∈ Δ^r,   S = top-k indices of s(x) + β,   g_i = s_i / Σ_{j∈S} s_j  (i ∈ S)
-    h = W x + (alpha / r) · B (g ⊙ A x)
+    s(x) = sigmoid(W_g x) + β ∈ R^r,   S = top-k of s(x),   g_i = k · s_i / Σ_{j∈S} s_j  (i ∈ S, else 0)
+    h = W x + (alpha / k) · B (g ⊙ A x)          (= alpha · B (ĝ ⊙ A x), ĝ summing to one)
 
-Load balancing is by router bias, without an auxiliary loss (as DeepSeek-V3's loss-free
-balancing): the bias β only affects which experts are selected, and after every training
-forward β_i += γ · sign(mean load − load_i), so under-used ranks become more likely to be
-selected.  :meth:`aux_loss` is therefore None.  The paper routes with a learnable projection
-plus this balancing bias and top-k; the exact gate normalisation (softmax over the r scores,
-renormalised over the selected k so the active gates sum to one) follows DeepSeek-V3's gating
-and is this implementation's reading, not copied from released code (none was available).  A is Kaiming-uniform, B zero, W_g (r, in).
+Load balancing is by the router bias β, without an auxiliary loss (DeepSeek-V3's loss-free
+balancing): after every training forward β_i += γ · sign(mean load − load_i), so under-used
+ranks are selected more often; β is a buffer (no gradient) and, as in the reference, it is part
+of the selected scores.  :meth:`aux_loss` is therefore None.  Defaults as the reference: γ = 1e-5,
+alpha = 16.  A is Kaiming-uniform, B zero, W_g (r, in); router, A and B all read dropout(x).
 The update depends on the input: ``merge`` raises MergeError.
 
 Trainable parameters per layer: r · (2 · in + out).
 """
-
 from __future__ import annotations
 
 import math
@@ -37,7 +35,7 @@ from ..registry import register_method
 class SMoRA(Adapter):
     name = "smora"
     paper = "Each Rank Could be an Expert: Single-Ranked Mixture of Experts LoRA for Multi-task Learning (Zhao et al., 2025), arXiv:2501.15103"
-    formula = "h = W x + (alpha/r) B (g(x) * A x),  g = top-k of softmax(W_g x) (bias-balanced), renormalised"
+    formula = "h = W x + (alpha/k) B (g(x) * A x),  g = k * top-k of sigmoid(W_g x) + bias, renormalised"
     params_formula = "r * (2 * in + out)"
     mergeable = False
     test_options = {"top_k": 2}
@@ -50,7 +48,7 @@ class SMoRA(Adapter):
         alpha: float | None = None,
         dropout: float = 0.0,
         top_k: int = 0,
-        bias_lr: float = 1e-3,
+        bias_lr: float = 1e-5,
     ):
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
         self.top_k = int(top_k) or max(1, rank // 4)
@@ -62,12 +60,16 @@ class SMoRA(Adapter):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    @classmethod
+    def default_alpha(cls, rank: int) -> float:
+        return 16.0  # the reference's lora_alpha
+
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.top_k
 
     @classmethod
-    def validate(cls, base: BaseLayer, rank: int, path: str, top_k: int = 0, bias_lr: float = 1e-3, **options: Any) -> None:
+    def validate(cls, base: BaseLayer, rank: int, path: str, top_k: int = 0, bias_lr: float = 1e-5, **options: Any) -> None:
         if not isinstance(top_k, int) or not 0 <= top_k <= rank:
             raise ConfigError(f"smora option top_k must be an integer in [1, rank={rank}] (0 = rank // 4), got {top_k!r}")
         if not bias_lr >= 0.0:
@@ -76,12 +78,11 @@ class SMoRA(Adapter):
             raise ShapeError(f"rank {rank} exceeds the dimensions of {path!r} ({base.out_features}x{base.in_features})")
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, selected): rank gates (..., r), zero off the top-k, summing to one; top-k indices."""
-        s = torch.softmax(self.lora_route(x), dim=-1)  # (..., r)
-        sel = torch.topk(s.detach() + self.expert_bias, self.top_k, dim=-1).indices  # (..., k)
-        mask = torch.zeros_like(s).scatter_(-1, sel, 1.0)
-        g = s * mask
-        return g / g.sum(-1, keepdim=True), sel
+        """(g, selected): rank gates (..., r), zero off the top-k, summing to k; top-k indices."""
+        s = torch.sigmoid(self.lora_route(x)) + self.expert_bias  # (..., r)  scores, balancing bias in them
+        top, sel = torch.topk(s, self.top_k, dim=-1)  # (..., k)
+        g = torch.zeros_like(s).scatter(-1, sel, top)  # (..., r)
+        return g / g.sum(-1, keepdim=True) * self.top_k, sel
 
     @torch.no_grad()
     def _balance(self, selected: torch.Tensor) -> None:
