@@ -315,6 +315,18 @@ def test_cola_is_a_nonlinear_bottleneck_and_lowrank_has_rank_r():
         assert torch.linalg.matrix_rank(a.dense_weight()) == 3
 
 
+def test_cola_init_is_the_reference_scale():
+    """A, B ~ N(0, r^-1/2 (in + out)^-1/2): B A has entries of std (in + out)^-1/2 (ColaLayer)."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(256, 384, bias=False))
+    lowrank.adapt(layer, "cola", rank=64)
+    a = layer[0].adapters["default"]
+    std = (64 * (256 + 384)) ** -0.25
+    for t in (a.cola_A, a.cola_B):
+        assert abs(t.std().item() / std - 1) < 0.02 and abs(t.mean().item()) < 5 * std / t.numel() ** 0.5
+    assert abs((a.cola_B @ a.cola_A).std().item() * (256 + 384) ** 0.5 - 1) < 0.03
+
+
 # ---- the pretraining helper ----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lowrank", "sltrain", "lost"])
 def test_parameterise_trains_everything_else_frees_dense_and_saves_plain(method):

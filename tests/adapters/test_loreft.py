@@ -33,6 +33,20 @@ def test_intervention_formula_on_the_block_output():
     assert sum(p.numel() for _, p in lowrank.trainable_parameters(m)) == 2 * 4 * 32 + 4
 
 
+def test_dropout_is_on_the_whole_intervened_state_as_pyreft():
+    m = _adapted(dropout=0.3)
+    (_, wrapped), = list(lowrank.adapted_layers(m))
+    a = wrapped.adapters["default"].train()
+    h = torch.randn(2, 5, 32)
+    torch.manual_seed(4)
+    out = a.intervene(h)
+    torch.manual_seed(4)
+    R, W, b = a.R.detach(), a.learned_source.weight.detach(), a.learned_source.bias.detach()
+    expect = torch.nn.functional.dropout(h + (h @ W.T + b - h @ R.T) @ R, 0.3, training=True)
+    torch.testing.assert_close(out.detach(), expect, atol=1e-6, rtol=0)
+    assert (out == 0).float().mean() > 0.2          # whole entries dropped, not only the edit
+
+
 def test_R_keeps_orthonormal_rows_after_optimizer_steps():
     m = _adapted()
     m.train()

@@ -6,8 +6,9 @@ Every linear layer becomes a bottleneck with a nonlinearity inside: the low-rank
 is what the paper's name refers to.  Because of σ the layer is no longer linear in x, so it
 cannot be merged into a dense weight (``mergeable = False``).
 
-Initialisation: A ~ N(0, 1/in), B ~ N(0, std² · in / r) with std the layer's fresh dense init —
-the scale B A would have without σ (σ's gain is not compensated).
+Initialisation as the reference code (``ColaLayer``): A and B both ~ N(0, σ0²) with
+σ0 = r^(-1/4) (in + out)^(-1/4), so B A has entries of std (in + out)^(-1/2) (a Xavier-like scale,
+independent of the dense layer's own init).
 Trainable parameters per layer: r · (in + out).
 """
 
@@ -22,7 +23,7 @@ from torch.nn import functional as F
 from ..core.layers import BaseLayer
 from ..errors import ConfigError
 from ..registry import register_method
-from .factorized import FullWeight, base_init_std, init_factors_like
+from .factorized import FullWeight
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}
 
@@ -43,7 +44,10 @@ class CoLA(FullWeight):
         self.act = ACTIVATIONS[activation]
         self.cola_A = nn.Parameter(torch.empty(rank, self.in_features))  # (r, in)
         self.cola_B = nn.Parameter(torch.empty(self.out_features, rank))  # (out, r)
-        init_factors_like(self.cola_A, self.cola_B, base_init_std(base))
+        std = (rank * (self.in_features + self.out_features)) ** -0.25  # the reference's r^-1/4 (in+out)^-1/4
+        with torch.no_grad():
+            self.cola_A.normal_(0.0, std)
+            self.cola_B.normal_(0.0, std)
 
     def forward(self, x: torch.Tensor, base_out: None, base: BaseLayer) -> torch.Tensor:
         h = self.act(F.linear(x, self.cola_A))  # (..., r)  σ(A x)

@@ -17,6 +17,13 @@ only, as the paper's prefix+suffix strategy; both 0 (the default) intervene ever
 padding, "last" means the last positions of the tensor; with a KV cache, positions are those of
 the current forward call.  There is no weight update, so ``merge`` raises MergeError.
 
+Against pyreft: ``dropout`` drops out the intervened positions' whole state Φ(h), as its
+``LoreftIntervention``.  Two differences stay: one intervention serves both the first and the
+last positions (pyreft's ``share_weights=True``; its training script's default learns a separate
+one for each), and positions are those of the tensor, not of the prompt only (pyreft locates
+them in the instruction and leaves generated tokens alone; it also caps first_n / last_n at half
+the prompt).
+
 Trainable parameters per intervened module: 2 · r · d + r.
 """
 
@@ -57,7 +64,8 @@ class LoReFT(Adapter):
         last_n: int = 0,
     ):
         super().__init__(base, rank=rank, alpha=alpha, dropout=0.0)
-        self.edit_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the edit, as pyreft
+        # pyreft's LoreftIntervention drops out the whole intervened state Φ(h), not only the edit
+        self.edit_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         d = self.out_features
         self.first_n, self.last_n = int(first_n), int(last_n)
         self.rotate_layer = orthogonal(nn.Linear(d, rank, bias=False))  # R (r, d), orthonormal rows
@@ -76,10 +84,10 @@ class LoReFT(Adapter):
         return self.rotate_layer.weight  # (r, d)
 
     def intervene(self, h: torch.Tensor) -> torch.Tensor:
-        """Φ(h) = h + Rᵀ (W h + b − R h) for hidden states h (..., d)."""
+        """Φ(h) = h + Rᵀ (W h + b − R h) for hidden states h (..., d) (then dropout, as pyreft)."""
         R = self.R
         delta = self.learned_source(h) - h @ R.T  # (..., r)   W h + b − R h
-        return h + self.edit_dropout(delta @ R)  # (..., d)
+        return self.edit_dropout(h + delta @ R)  # (..., d)
 
     def forward(self, x: torch.Tensor, base_out: Any, base: BaseLayer) -> Any:
         if isinstance(base_out, tuple):  # modules returning (hidden, extras...)
