@@ -123,19 +123,35 @@ def test_loraplus_is_adamw_with_b_at_ratio_times_lr():
     ref = copy.deepcopy(model)
     opt = loraplus(model, 1e-3, ratio=16)
     lrs = {g["role"]: g["lr"] for g in opt.param_groups}
-    assert lrs == {"A": 1e-3, "B": 16e-3, "other": 1e-3}
-    groups = {"A": [], "B": [], "other": []}
+    assert lrs == {"A": 1e-3, "B": 16e-3, "other": 1e-3, "other_no_decay": 1e-3}
+    groups = {"A": [], "B": [], "other": [], "other_no_decay": []}
     adapters = [layer.adapters["default"] for _, layer in lowrank.adapted_layers(ref)]
     ids_A = {id(a.A) for a in adapters}
     ids_B = {id(a.B) for a in adapters}
-    for p in ref.parameters():
+    for n, p in ref.named_parameters():
         if p.requires_grad:
-            groups["A" if id(p) in ids_A else "B" if id(p) in ids_B else "other"].append(p)
+            other = "other_no_decay" if "bias" in n else "other"
+            groups["A" if id(p) in ids_A else "B" if id(p) in ids_B else other].append(p)
     ref_opt = torch.optim.AdamW([{"params": v, "lr": lrs[k]} for k, v in groups.items()], weight_decay=0.0)
     _train(model, opt, 4)
     _train(ref, ref_opt, 4)
     for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_loraplus_leaves_biases_and_layernorms_without_weight_decay():
+    """As the reference (the transformers Trainer's rule): no decay on biases and LayerNorm weights."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+    lowrank.adapt(model, "lora", targets=["0"], rank=4)
+    for n, p in model.named_parameters():
+        if n.startswith(("1.", "2.")):
+            p.requires_grad_(True)
+    opt = loraplus(model, 1e-2, weight_decay=0.1)
+    decay = {g["role"]: g["weight_decay"] for g in opt.param_groups}
+    assert decay == {"A": 0.1, "B": 0.1, "other": 0.1, "other_no_decay": 0.0}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = next(g for g in opt.param_groups if g["role"] == "other_no_decay")["params"]
+    assert sorted(names[id(p)] for p in no_decay) == ["1.bias", "1.weight", "2.bias"]
 
 
 # ---------------------------------------------------------------------------------------- LoRA-Pro

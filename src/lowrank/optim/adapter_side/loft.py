@@ -26,7 +26,9 @@ claims); the gradient coordinates of both factors are taken with the factors the
 computed at, then re-projected (the reference mixes in the factor updated earlier in the same
 step); the second-moment re-projection is R Q Rᵀ in the convention above (the reference
 applies the transpose, which breaks the full-rank equivalence); weight decay is the usual
-decoupled p ← (1 - lr·λ) p on the updated factor (the reference omits the lr).
+decoupled p ← (1 - lr·λ) p on the updated factor (the reference omits the lr); statistics are
+re-projected only after the other factor moved (the reference re-projects every step, and with
+its damping δ the "no move" R = (B̃ᵀB̃ + δI)⁻¹ B̃ᵀB̃ is not exactly I: a ~1e-3 drift over 8 steps).
 Memory: r·(in + out) first-moment plus r²·(in + out) second-moment statistics per layer.
 """
 

@@ -7,7 +7,8 @@ AdamW with the learning rate of B set to ``ratio`` times that of A:
 As in the authors' reference (``create_loraplus_optimizer``), factors of adapters on embedding
 layers get their own small learning rate ``lr_embedding`` (1e-6) instead.  One difference: the
 reference also moves every 1-D trainable parameter (biases, norms) into B's group at
-``ratio · lr``; here they stay at ``lr`` like the other non-factor parameters.
+``ratio · lr``; here they stay at ``lr`` like the other non-factor parameters.  As the reference
+(the transformers Trainer's rule), biases and LayerNorm parameters get no weight decay.
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ class LoRAPlus(AdapterOptimizer):
         pairs = factor_pairs(model, self.who)
         emb = [p for p in pairs if isinstance(getattr(model.get_submodule(p.path), "base_layer", None), nn.Embedding)]
         lin = [p for p in pairs if p not in emb]
+        other = other_trainables(model, pairs)
+        no_decay = _no_decay(model)
         groups: list[dict[str, Any]] = [
             {"params": [p.A for p in lin], "lr": lr, "role": "A"},
             {"params": [p.B for p in lin], "lr": ratio * lr, "role": "B"},
             {"params": [t for p in emb for t in (p.A, p.B)], "lr": lr_embedding, "role": "embedding"},
-            {"params": other_trainables(model, pairs), "lr": lr, "role": "other"},
+            {"params": [t for t in other if id(t) not in no_decay], "lr": lr, "role": "other"},
+            {"params": [t for t in other if id(t) in no_decay], "lr": lr, "weight_decay": 0.0, "role": "other_no_decay"},
         ]
         groups = [g for g in groups if g["params"]]
         self.ratio = float(ratio)
@@ -61,6 +65,16 @@ class LoRAPlus(AdapterOptimizer):
     def _step(self) -> None:
         for group in self.param_groups:
             self._adamw_group(group)
+
+
+def _no_decay(model: nn.Module) -> set[int]:
+    """ids of biases and LayerNorm parameters (the reference's, i.e. the transformers Trainer's,
+    parameters without weight decay)."""
+    out = {id(p) for n, p in model.named_parameters() if "bias" in n}
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            out.update(id(p) for p in m.parameters(recurse=False))
+    return out
 
 
 def loraplus(model: nn.Module, lr: float = 1e-4, ratio: float = 16.0, **options: Any) -> LoRAPlus:
