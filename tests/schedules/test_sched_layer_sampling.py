@@ -76,6 +76,11 @@ def test_owlore_samples_blocks_by_outlier_ratio():
     w = torch.ones(10, 10)
     w[0, 0] = 1000
     assert outlier_ratio(w, 5.0) == pytest.approx(0.01)
+    # a block's ratio pools the scores of all its layers against ONE mean (OWL): a layer scaled
+    # x10 has no outliers of its own, but against the block's mean most of its entries are
+    big, small = torch.ones(10, 10) * 10, torch.ones(10, 10)
+    assert outlier_ratio(big, 5.0) == 0.0 and outlier_ratio(small, 5.0) == 0.0
+    assert outlier_ratio([big, small, small, small], 3.0) == pytest.approx(0.25)
 
 
 def test_layer_sampling_bad_input_and_resume():

@@ -5,7 +5,8 @@ LISA's layer sampling with non-uniform probabilities: blocks with more *outliers
 more often.  A block's outlier ratio follows OWL's layerwise outlier distribution:
 
     score_ij = |W_ij| · ‖X_j‖₂        (‖X_j‖: norm of input feature j, 1 without calibration)
-    D_l      = mean over the block's linear layers of  #{score_ij > M · mean(score)} / #W
+    D_l      = #{score > M · mean(score)} / #scores,  over the scores of ALL the block's linear
+               layers pooled (OWL's ``check_outlier_mean`` on the block's concatenated metrics)
     p_l      = D_l / Σ_k D_k           (uniform if no block has outliers)
 
 ``n_layers`` blocks are drawn without replacement with probabilities p every ``interval``
@@ -27,12 +28,20 @@ from .base import check_real
 from .lisa import LISA
 
 
+def _scores(weight: torch.Tensor, input_norm: torch.Tensor | None) -> torch.Tensor:
+    score = weight.detach().float().abs()  # (out, in)  |W_ij| · ‖X_j‖
+    return score * input_norm.float()[None, :] if input_norm is not None else score
+
+
 @torch.no_grad()
-def outlier_ratio(weight: torch.Tensor, threshold: float, input_norm: torch.Tensor | None = None) -> float:
-    """Fraction of entries of W (out, in) whose |W_ij| · ‖X_j‖ exceeds ``threshold`` x its mean."""
-    score = weight.detach().float().abs()
-    if input_norm is not None:
-        score = score * input_norm.float()[None, :]
+def outlier_ratio(weights, threshold: float, input_norms=None) -> float:
+    """Fraction of the scores |W_ij| · ‖X_j‖ above ``threshold`` x their mean.  ``weights``: one
+    (out, in) matrix, or a list of them whose scores are pooled (a block, as OWL); ``input_norms``
+    alike (a tensor, a list with None entries, or None)."""
+    if isinstance(weights, torch.Tensor):
+        weights, input_norms = [weights], [input_norms]
+    norms = input_norms if input_norms is not None else [None] * len(weights)
+    score = torch.cat([_scores(w, n).flatten() for w, n in zip(weights, norms)])
     return float((score > threshold * score.mean()).float().mean())
 
 
@@ -63,16 +72,15 @@ class OwLore(LISA):
         assert self._blocks is not None
         ratios = []
         for i, block in enumerate(self._blocks):
-            rs = []
+            ws, norms = [], []
             for path, mod in block.named_modules():
                 inner = getattr(mod, "base_layer", mod)
                 if ".adapters." in f".{path}.":
                     continue  # adapter factors are not the block's weights
                 if isinstance(inner, LINEAR_TYPES) and mod is inner:
-                    w = BaseLayer(inner).weight
-                    norm = self.input_norms.get(f"{self.blocks_path}.{i}.{path}")
-                    rs.append(outlier_ratio(w, self.outlier_threshold, norm))
-            ratios.append(sum(rs) / len(rs) if rs else 0.0)
+                    ws.append(BaseLayer(inner).weight)
+                    norms.append(self.input_norms.get(f"{self.blocks_path}.{i}.{path}"))
+            ratios.append(outlier_ratio(ws, self.outlier_threshold, norms) if ws else 0.0)
         return ratios
 
     def probabilities(self, n_blocks: int) -> torch.Tensor:
