@@ -36,16 +36,17 @@ def test_restart_merges_the_effective_weight_and_handles_state(mode):
     model, opt = _setup()
     sched = ReLoRA(every=3, optimizer_reset=mode, prune_ratio=0.9, manage_lr=False)
     sched.attach(model, opt)
-    for s in range(2):
+    for s in range(3):
         _step(model, opt, s)
         sched.step(model, opt, s)
-    _step(model, opt, 2)
+    assert sched.restarts == 0
+    _step(model, opt, 3)
     layers = list(lowrank.adapted_layers(model))
     effective = {p: (l.base.weight + l.adapters["default"].delta_weight()).detach().clone() for p, l in layers}
     ids = _ids(99)
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    sched.step(model, opt, 2)  # third step: restart
+    sched.step(model, opt, 3)  # after the step at index every (3), as the reference: restart
     assert sched.restarts == 1
     with torch.no_grad():
         after = model(input_ids=ids).logits

@@ -1,6 +1,7 @@
 """ReLoRA: High-Rank Training Through Low-Rank Updates (Lialin et al., 2023), arXiv:2307.05695.
 
-Every ``every`` optimizer steps, for each factor adapter (LoRA and friends):
+Every ``every`` optimizer steps (after steps every + 1, 2·every + 1, ... as the reference code,
+which merges when ``update_step % relora == 1``), for each factor adapter (LoRA and friends):
 
     W ← W + s B A            merge the update into the frozen weight
     A ← Kaiming, B ← 0       restart the factors (the layer's function is unchanged)
@@ -196,7 +197,10 @@ class ReLoRA(Schedule):
         self.restarts += 1
 
     def on_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if self.t % self.every == 0:
+        # as the reference (merge when update_step % relora == 1): the restart follows the step at
+        # index k·every, the one the jagged schedule runs at LR 0, so the first step on fresh
+        # factors already has the re-warm-up's first LR
+        if self.t > self.every and (self.t - 1) % self.every == 0:
             self.restart(model, optimizer)
         self._set_lr(optimizer)
 
