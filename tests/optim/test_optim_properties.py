@@ -279,3 +279,21 @@ def test_factored_directions_equal_the_dense_update(shape):
         F = fact_tf.directions([G], [s2], [p], t)[0]
         assert isinstance(F, Factored) and F.left.shape[1] == 6 == F.right.shape[0]
         torch.testing.assert_close(F.dense(), D, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_online_pca_projects_back_with_the_basis_it_projected_with(factored):
+    """OSD: step t uses Q_t both ways, D = (G Q_t) Q_tᵀ, and only then moves Q to Q_{t+1}
+    (the reference runs the PCA step after project_back)."""
+    torch.manual_seed(0)
+    p = torch.zeros(24, 16)
+    tf = LowRank(SGDMomentum(momentum=0.0), make_projector("online_pca", 4), rank=4, update_gap=1, scale=1.0)
+    st = tf.init(p)
+    tf.update([torch.randn(24, 16)], [st], [p], 1)             # step 1: first basis, then a PCA step
+    q1 = st.proj.Q.clone()
+    g2 = torch.randn(24, 16)
+    run = tf.directions if factored else tf.update
+    d = run([g2], [st], [p], 2)[0]
+    d = d.dense() if factored else d
+    torch.testing.assert_close(d, (g2 @ q1) @ q1.T, atol=1e-6, rtol=0)
+    assert not torch.allclose(st.proj.Q, q1)                   # the basis did move for step 3

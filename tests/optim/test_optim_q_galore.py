@@ -293,3 +293,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     ref(**batch(2)).loss.backward()
     for (n, p), (_, pr) in zip(m.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, pr.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_int4_groups_hold_one_basis_vector_as_the_reference_stores_it(shape):
+    """Q-GaLore quantises Vh_r (r, n) row by row for a tall weight and U_r (m, r) for a wide one:
+    with group_size = d, a tall weight's groups are exactly its basis vectors."""
+    from lowrank.optim.projectors import make_projector
+
+    torch.manual_seed(0)
+    g = torch.randn(*shape)
+    transposed = shape[0] < shape[1]
+    gp = g.mT if transposed else g                                   # (m', d), d the smaller side
+    d, r = gp.shape[-1], 4
+    pr = make_projector("int4", r, group_size=d)
+    st = pr.init(d, gp, 0, transposed)
+    pr.refresh([gp], [st], 1)
+    q = pr.basis(st, gp)                                             # (d, r)
+    _, _, vh = torch.linalg.svd(gp, full_matrices=False)
+    torch.testing.assert_close((q.T @ vh[:r].T).abs(), torch.eye(r), atol=0.1, rtol=0)  # ~ the top-r basis
+    if not transposed:
+        exact = vh[:r]                                               # (r, d): one group per basis vector
+        spans = (exact.amax(1) - exact.amin(1)) / 15
+        torch.testing.assert_close(st.scale, spans, atol=1e-6, rtol=1e-5)

@@ -15,7 +15,9 @@ As flora-opt, the current step's u enters the update uncompressed; only the hist
 and the Gaussians are drawn as flora-opt draws them (so the same seeds give the same matrices).
 Differences from flora-opt: no ``scale_parameter`` (the learning rate is not multiplied by the
 weight's RMS: lr schedules stay the caller's), and which matrices are compressed is chosen by
-``targets`` (flora-opt compresses every matrix with min side >= rank and aspect ratio <= 4).
+``targets`` (flora-opt compresses every matrix with min side >= rank and aspect ratio <= 4); the
+uncompressed parameters (norms, ...) use Adafactor with its first moment taken after clipping
+(flora-opt mixes the momentum first and clips the result).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ The basis from a base projector (exact SVD by default, as in Q-GaLore) is stored
 entries, and dequantized when used.  At each refresh the cosine similarity between the first
 basis vector and the previous refresh's is pushed into a queue of ``queue_size``; when the queue
 is full and its mean is >= ``cos_threshold`` the matrix's refresh gap is multiplied by ``gamma``.
+Groups follow the reference's storage: the projection matrix as Q-GaLore keeps it, Vh_r (r, n) for a
+tall weight and U_r (m, r) for a wide one, quantised in row-major order.
 Difference from the reference code: we take |cos| since a singular vector's sign is arbitrary.
 """
 
@@ -90,11 +92,15 @@ class Int4(Projector):
                 if s.qlen == self.qsize and float(s.queue.mean()) >= self.thr:
                     s.gap_mult *= self.gamma
             s.prev.copy_(v)
-            codes, scale, zero = quantize4(Q, self.group)
+            # stored as the reference keeps it: (r, d) for a tall weight (Vh_r), (d, r) for a wide one (U_r)
+            codes, scale, zero = quantize4(Q if s.transposed else Q.mT, self.group)
             s.codes.copy_(codes), s.scale.copy_(scale), s.zero.copy_(zero)
 
     def basis(self, state, like):
-        return dequantize4(state.codes, state.scale, state.zero, (like.shape[-1], self.rank), self.group, like.dtype)
+        d = like.shape[-1]
+        if state.transposed:
+            return dequantize4(state.codes, state.scale, state.zero, (d, self.rank), self.group, like.dtype)
+        return dequantize4(state.codes, state.scale, state.zero, (self.rank, d), self.group, like.dtype).mT
 
     def gap_factor(self, state):
         return state.gap_mult

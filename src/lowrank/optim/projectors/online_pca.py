@@ -6,7 +6,12 @@ step moves Q by one gradient step on the reconstruction error of the current gra
 
 computed from Z = G' Q (the projected gradient the wrapper already has) as A Q = G'^T Z and
 Q^T A Q = Z^T Z, so a step costs one extra (m' x d x r) matmul.  The first basis comes from the
-randomized range finder.  Q is not re-orthonormalised: the objective itself pulls Q^T Q to I."""
+randomized range finder.  Q is not re-orthonormalised: the objective itself pulls Q^T Q to I.
+Step t projects and projects back with Q_t; the PCA step to Q_{t+1} comes after, as the reference.
+Difference from the reference code: its default moves Q with AdamW (lr 1/update_proj_gap, weight
+decay 0.01, following the LR schedule); here it is plain gradient descent at a constant
+``pca_lr`` (the reference's ``continuous_sgd`` option), and the first basis is randomized rather
+than an exact SVD."""
 
 from __future__ import annotations
 
@@ -53,4 +58,6 @@ class OnlinePCA(Projector):
             Q = s.Q
             AQ = g.mT @ Z                                                   # (d, r)  G'^T G' Q
             grad = -4 * AQ + 2 * AQ @ (Q.mT @ Q) + 2 * Q @ (Z.mT @ Z)
-            Q.add_(grad, alpha=-self.pca_lr / float(g.square().sum().clamp_min(1e-30)))
+            # a new tensor, not in place: this step's direction (built after track) projects back
+            # with the Q it projected with, Q_t, as the reference; Q_{t+1} serves the next step
+            s.Q = Q - (self.pca_lr / float(g.square().sum().clamp_min(1e-30))) * grad
