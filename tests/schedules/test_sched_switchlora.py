@@ -102,3 +102,41 @@ def test_resume_continues_exactly():
     for (p, l), (_, l2) in zip(lowrank.adapted_layers(model), lowrank.adapted_layers(model2)):
         torch.testing.assert_close(l2.adapters["default"].A, l.adapters["default"].A, msg=p)
         torch.testing.assert_close(l2.base.weight, l.base.weight, msg=p)
+
+
+def test_factors_and_candidates_use_the_reference_init_scale():
+    """get_init_lora_bound with s = 1/r (lora_alpha = 1): std(s B A x) = 1/sqrt(3) for unit x."""
+    import math
+
+    from lowrank.schedules.switchlora import init_bounds
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False))
+    lowrank.adapt(model, "lora", rank=16, alpha=1.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = SwitchLoRA(total_steps=100)
+    sched.attach(model, opt)
+    a = model[0].adapters["default"]
+    bound_a, bound_b = init_bounds(256, 128, 16, a.scaling)
+    assert a.A.abs().max() <= bound_a and a.A.abs().max() > 0.9 * bound_a
+    assert a.B.abs().max() <= bound_b and a.B.abs().max() > 0.9 * bound_b
+    st = sched.layers["0"]
+    assert st.cand_A.abs().max() <= bound_a and st.cand_B.abs().max() <= bound_b
+    x = torch.randn(4096, 256)
+    y = a.scaling * (x @ a.A.T) @ a.B.T
+    assert abs(y.std().item() * math.sqrt(3) - 1) < 0.1
+
+
+def test_a_vector_whose_counterpart_is_frozen_is_not_switched():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False))
+    lowrank.adapt(model, "lora", rank=4, alpha=1.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = SwitchLoRA(total_steps=100, freeze_steps=5)
+    sched.attach(model, opt)
+    layer = model[0]
+    a, st = layer.adapters["default"], sched.layers["0"]
+    st.frozen_B[:3] = 5                       # columns 0..2 of B re-estimating: rows 0..2 of A must stay
+    A0 = a.A.detach().clone()
+    assert sched.switch(layer, a, st, opt, "A", 4) == 1
+    assert torch.equal(a.A[:3], A0[:3]) and not torch.equal(a.A[3], A0[3])

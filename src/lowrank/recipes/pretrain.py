@@ -157,7 +157,7 @@ def switchlora_recipe(model, task, *, lr: float = 1e-3, rank: int = 32, total_st
                       descent_rate: float = 0.1, freeze_steps: int = 5, weight_decay: float = 0.0) -> Prepared:
     _check_task(task, "switchlora")
     sched = SwitchLoRA(total_steps=total_steps, interval=interval, descent_rate=descent_rate, freeze_steps=freeze_steps)
-    adapt(model, "lora", rank=rank)
+    adapt(model, "lora", rank=rank, alpha=1.0)  # the reference's lora_alpha = 1 (s = 1/r), which its init bounds assume
     _train_outside_adapters(model)
     opt = _adamw(model, lr, weight_decay)
     return Prepared(model, opt, save_pretrained, _attach([sched], model, opt), {"method": "switchlora", "rank": rank})

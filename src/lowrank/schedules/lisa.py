@@ -6,7 +6,9 @@ at random (uniformly, without replacement) and only they train until the next dr
 embeddings, the output head and everything outside the block stack always train.  A block
 that is not sampled has ``requires_grad = False``, no gradient and *no optimizer state* (its
 Adam moments are dropped when it leaves the sample), so optimizer memory is that of
-``n_layers`` blocks plus the always-trained parts.
+``n_layers`` blocks plus the always-trained parts.  (LMFlow's two implementations differ here:
+its callback keeps every block's moments, its ``LISATrainer`` drops the active blocks' moments at
+every draw; here a block that stays in the sample keeps its moments, one that leaves loses them.)
 
 :class:`~lowrank.schedules.owlore.OwLore` is the same schedule with non-uniform probabilities.
 """

@@ -14,14 +14,23 @@ the *counterpart* of a switched vector (column i of B when row i of A switched, 
 versa) has its Adam moments zeroed and is frozen (its gradient masked to zero) for
 ``freeze_steps`` steps, while Adam re-estimates them.
 
-At attach, a B that is still zero (LoRA's init) is drawn like the B candidates and W absorbs
-s B A, so switching A rows matters from the first step and the function is unchanged.
+At attach, fresh factors (B still zero, LoRA's init) are re-drawn like the candidates and W
+absorbs s B A, so switching A rows matters from the first step and the function is unchanged.
+Factors and candidates are uniform with the reference's bounds (``get_init_lora_bound``: Xavier /
+Kaiming-like, so that A ΔB and B ΔA are the same size), √3 σ with, for W (out = m, in = n),
+
+    σ_A = (√m r / n^{3/2})^{1/4} √gain,   σ_B = (r / √(m n))^{1/4} √gain,   gain = 1/√3,
+
+which the reference pairs with s = 1/r (``lora_alpha = 1``; the recipe adapts so): then
+std(s B A x) = gain for unit inputs.  For another scaling s both bounds are multiplied by
+(s r)^{-1/2}, keeping that scale.
 
 Schedule: the expected number of switches per matrix per step is rank / interval(t), with
 interval(t) = interval₀ / 0.3^((t+1)/T_d) (the exponential descent of the reference code:
 the switching frequency falls to 0.3x of its start at T_d = descent_rate · total_steps);
 fractional counts are rounded stochastically.  Which vectors switch, and to which candidate,
-is drawn at random among those not frozen / not in use.
+is drawn at random among those not in use whose vector and counterpart are both not frozen
+(the reference walks through the vectors in order with the same exclusion).
 
 Simplification (noted): the reference keeps a per-row/column Adam step counter and resets it
 for switched vectors; torch's Adam has one step counter per tensor, so only the moments are
@@ -46,6 +55,15 @@ def uniform(rows: int, cols: int, bound: float, g: torch.Generator) -> torch.Ten
     return (torch.rand(rows, cols, generator=g) * 2 - 1).mul_(bound)
 
 
+def init_bounds(n_in: int, n_out: int, rank: int, scaling: float) -> tuple[float, float]:
+    """Uniform bounds (A, B) of factors and candidates: the reference's, for s = 1/r (see above)."""
+    m, n, r, gain = n_out, n_in, rank, 1.0 / math.sqrt(3.0)
+    std_a = ((m**0.5 * r) / n**1.5) ** 0.25 * gain**0.5
+    std_b = (r / (m * n) ** 0.5) ** 0.25 * gain**0.5
+    adjust = (scaling * r) ** -0.5  # 1 at the reference's s = 1/r
+    return math.sqrt(3.0) * std_a * adjust, math.sqrt(3.0) * std_b * adjust
+
+
 class _LayerState:
     """Candidate pools and freeze counters of one adapter."""
 
@@ -53,8 +71,7 @@ class _LayerState:
         r, n_in = a.A.shape
         n_out = a.B.shape[0]
         dt, dev = a.A.dtype, a.A.device
-        bound_a = 1.0 / math.sqrt(n_in)
-        bound_b = 1.0 / math.sqrt(n_out)
+        bound_a, bound_b = init_bounds(n_in, n_out, r, a.scaling)
         # the pool never holds a vector in use: a switch swaps a LoRA vector and a candidate slot
         self.cand_A = uniform(n_candidates, n_in, bound_a, g).to(dev, dt)  # (C, in)
         self.cand_B = uniform(n_candidates, n_out, bound_b, g).to(dev, dt)  # (C, out)
@@ -136,7 +153,7 @@ class SwitchLoRA(Schedule):
                 g = torch.Generator() if path in self._pending else self.g
                 self.layers[path] = _LayerState(a, c, g)
                 if self.t == 0 and not a.B.any():
-                    self._init_b(layer, a)
+                    self._init_factors(layer, a)
             if path in self._pending:
                 self.layers[path].load(self._pending.pop(path))
             st = self.layers[path]
@@ -146,10 +163,12 @@ class SwitchLoRA(Schedule):
         super().attach(model, optimizer)
 
     @torch.no_grad()
-    def _init_b(self, layer, a: FactorAdapter) -> None:
+    def _init_factors(self, layer, a: FactorAdapter) -> None:
         """SwitchLoRA starts with B != 0 (so that switching A rows matters); W absorbs s B A."""
-        B = uniform(a.B.shape[1], a.B.shape[0], 1.0 / math.sqrt(a.B.shape[0]), self.g).t()
-        a.B.copy_(B)
+        r, n_in = a.A.shape
+        bound_a, bound_b = init_bounds(n_in, a.B.shape[0], r, a.scaling)
+        a.A.copy_(uniform(r, n_in, bound_a, self.g))
+        a.B.copy_(uniform(r, a.B.shape[0], bound_b, self.g).t())
         base = layer.base
         base.set_weight(base.weight.to(a.B.dtype) - a.scaling * (a.B @ a.A))
 
@@ -158,7 +177,10 @@ class SwitchLoRA(Schedule):
     def switch(self, layer, a: FactorAdapter, st: _LayerState, optimizer: torch.optim.Optimizer, which: str, n: int) -> int:
         """Switch ``n`` rows of A (which='A') or columns of B (which='B'); returns how many switched."""
         frozen_self = st.frozen_A if which == "A" else st.frozen_B
-        idle = (frozen_self == 0).nonzero().flatten()
+        frozen_pair = st.frozen_B if which == "A" else st.frozen_A
+        # neither the vector nor its counterpart frozen (the reference's available_num cap): a switch
+        # would otherwise re-zero a counterpart still re-estimating its moments and extend its freeze
+        idle = ((frozen_self == 0) & (frozen_pair == 0)).nonzero().flatten()
         pool = st.cand_A if which == "A" else st.cand_B
         n = min(n, idle.numel(), pool.shape[0])
         if n == 0:
