@@ -5,6 +5,9 @@
 The layer's weight *is* B A: nothing of the dense base weight is used (``replaces_base``), so
 this is a full-weight parameterisation for pretraining a model built from a config, not an
 adapter for fine-tuning.  Trainable parameters per layer: r · (in + out).
+Init (:func:`init_factors_like`): Gaussian A and B with s B A at the scale of the dense init it
+replaces.  The public baselines differ (ReLoRA's ``lora_only``: A Kaiming-uniform, B = 0, so the
+layer starts at zero; GaLore's repository ships no low-rank baseline code).
 
 This file also holds what every full-weight parameterisation shares (:class:`FullWeight`) and
 the pretraining helpers:

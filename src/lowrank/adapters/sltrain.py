@@ -7,7 +7,9 @@ S has a *random, fixed* support of δ · out · in entries (δ = ``sparsity``); 
 train.  As in the reference implementation (github.com/andyjm3/SLTrain): A Kaiming-uniform,
 B = 0, S values U(-1/√in, 1/√in), support drawn by a random permutation and sorted,
 s = alpha / r.  S is stored as sorted flat indices (int64 buffer, saved) plus values (the
-trainable parameter).
+trainable parameter).  The default alpha = r gives s = 1; the reference's layer defaults to
+lora_alpha = 1 (s = 1/r) and its scripts set other values (16 at r = 256 for the 130M model):
+pass ``alpha`` to reproduce a run.
 
 The layer is one autograd function (``_sparse.py``); layers that read one input (q/k/v,
 gate/up) run as one.  The reference builds a transient dense W = B A + scatter(S) per call and

@@ -14,6 +14,13 @@ and training continues on A and B (the ``lowrank`` parameterisation).  Layers fo
 factorised form would not save parameters (r ≥ out·in / (out+in)), and those matched by
 ``exclude`` (Cuttlefish keeps the first layers full-rank), stay dense.
 
+Difference from the reference code (hwang595/Cuttlefish): its switch test records floor(srank)
+once per epoch, smooths it (moving average over 15 points) and calls a layer stable when the mean
+absolute slope over the last 11 is <= 0.1 (threshold scaled up while one or two layers lag; a
+layer stays stable once it is), never before epoch 15; its ranks use the floored stable ranks.
+The test here (relative change between two checks below ``tol``) is simpler and, on noisy
+stable ranks, switches erratically; set ``max_full_steps`` to bound it.
+
 At the switch the function changes only by the truncation: for any input x,
 ‖W x − B A x‖ ≤ σ_{r+1}(W) ‖x‖.  ``self.report`` holds, per switched layer, the rank, σ_{r+1},
 and the relative Frobenius error ‖W − B A‖_F / ‖W‖_F.  The optimizer swaps W for A and B in
