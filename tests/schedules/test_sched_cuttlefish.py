@@ -65,7 +65,7 @@ def test_waits_for_stable_ranks():
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # nothing moves: ranks are stable at once
-    sched = Cuttlefish(check_every=2, tol=1e-3)
+    sched = Cuttlefish(check_every=2, tol=1e-3, switch_test="relative")
     sched.attach(model, opt)
     sched.step(model, opt, 0)
     sched.step(model, opt, 1)
@@ -118,3 +118,38 @@ def test_resume_after_the_switch_rebuilds_the_factorised_layers():
     opt2.step()
     with torch.no_grad():
         torch.testing.assert_close(model2(x), model(x))
+
+
+def test_the_reference_slope_test_waits_for_its_window_then_switches_on_flat_ranks():
+    """The reference's detector: no layer is stable before check 15 (0-based), flat floored
+    stable ranks are stable from then on; ranks ⌈⌊srank_t⌋ · full / ⌊srank_0⌋⌉."""
+    model = tiny_llama()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # nothing moves
+    sched = Cuttlefish(check_every=1)
+    sched.attach(model, opt)
+    for s in range(15):
+        sched.step(model, opt, s)
+    assert not sched.switched and len(sched.floors) == 15
+    raw = dict(sched.initial)
+    sched.initial = {p: 4 * v for p, v in raw.items()}  # as if the ranks had fallen to a quarter
+    sched.step(model, opt, 15)
+    assert sched.switched and sched.ranks
+    full = {p: min(l.base.in_features, l.base.out_features) for p, l in lowrank.adapted_layers(model)}
+    for p, r in sched.ranks.items():
+        assert r == -(-int(raw[p]) * full[p] // int(4 * raw[p]))     # ⌈⌊s_t⌋ full / ⌊s_0⌋⌉
+
+
+def test_slope_test_on_a_moving_rank_record():
+    """A layer whose floored stable rank still falls by one per check is not stable; flat is."""
+    sched = Cuttlefish(check_every=1)
+    falling = list(range(60, 30, -1))
+    flat = [20] * 30
+    for t in range(30):
+        sched.floors.append({"a": falling[t], "b": flat[t]})
+        sched._update_stable()
+    assert sched.stable == {"a": False, "b": True}
+    sched.floors.append({"a": falling[-1], "b": 5})      # once stable, stays stable
+    sched._update_stable()
+    assert sched.stable["b"] is True

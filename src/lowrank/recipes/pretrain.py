@@ -165,9 +165,9 @@ def switchlora_recipe(model, task, *, lr: float = 1e-3, rank: int = 32, total_st
 
 @register_recipe("cuttlefish", "schedule", "Cuttlefish: full-rank until stable ranks settle, then factorised", PRETRAIN)
 def cuttlefish_recipe(model, task, *, lr: float = 1e-3, rank: int | None = None, check_every: int = 25, tol: float = 0.02,
-                      max_full_steps: int | None = None, weight_decay: float = 0.0) -> Prepared:
+                      max_full_steps: int | None = None, weight_decay: float = 0.0, switch_test: str = "slope") -> Prepared:
     _check_task(task, "cuttlefish")
-    sched = Cuttlefish(check_every=check_every, tol=tol, max_full_steps=max_full_steps)
+    sched = Cuttlefish(check_every=check_every, switch_test=switch_test, tol=tol, max_full_steps=max_full_steps)
     for p in model.parameters():
         p.requires_grad_(True)
     opt = _adamw(model, lr, weight_decay)

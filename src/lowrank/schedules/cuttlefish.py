@@ -4,9 +4,9 @@ Train full-rank first, watching each layer's *stable rank*
 
     srank(W) = ‖W‖_F² / σ_max(W)²,      scaled:  ξ(W_t) = srank(W_t) · min(out, in) / srank(W_0)
 
-(scaled so that a layer starts at full rank).  When the scaled stable ranks stop moving — every
-layer's relative change between two checks below ``tol`` — or after ``max_full_steps``, each
-layer is switched to the factorised form W ≈ B A at rank r = ⌈ξ(W_t)⌉ via a truncated SVD,
+(scaled so that a layer starts at full rank).  When the stable ranks stop moving, or after
+``max_full_steps``, each layer is switched to the factorised form W ≈ B A at rank r = ⌈ξ(W_t)⌉
+via a truncated SVD,
 
     W = U Σ Vᵀ,   B = U_r Σ_r^½,   A = Σ_r^½ V_rᵀ,
 
@@ -14,12 +14,17 @@ and training continues on A and B (the ``lowrank`` parameterisation).  Layers fo
 factorised form would not save parameters (r ≥ out·in / (out+in)), and those matched by
 ``exclude`` (Cuttlefish keeps the first layers full-rank), stay dense.
 
-Difference from the reference code (hwang595/Cuttlefish): its switch test records floor(srank)
-once per epoch, smooths it (moving average over 15 points) and calls a layer stable when the mean
-absolute slope over the last 11 is <= 0.1 (threshold scaled up while one or two layers lag; a
-layer stays stable once it is), never before epoch 15; its ranks use the floored stable ranks.
-The test here (relative change between two checks below ``tol``) is simpler and, on noisy
-stable ranks, switches erratically; set ``max_full_steps`` to bound it.
+"Stop moving" (``switch_test``):
+
+* ``"slope"`` (default, the reference code's ``layer_rank_stable_detector``): at every check
+  (every ``check_every`` steps; the reference checks once per epoch) each layer's floored stable
+  rank is recorded; from check ``window`` (15) on, a layer is stable when the mean absolute slope
+  (``np.gradient``) of the 15-point exponential moving average of its record, over the last 11
+  checks, is <= ``slope_tol`` (0.1, doubled while a single layer lags: the reference's
+  threshold with its scaler for non-CNN models); a stable layer stays stable; all stable: switch.  The ranks
+  are then the reference's ⌈⌊srank(W_t)⌋ · min(out, in) / ⌊srank(W_0)⌋⌉.
+* ``"relative"``: every layer's relative change of ξ between two checks below ``tol``.  Simpler,
+  but on noisy stable ranks it switches erratically.
 
 At the switch the function changes only by the truncation: for any input x,
 ‖W x − B A x‖ ≤ σ_{r+1}(W) ‖x‖.  ``self.report`` holds, per switched layer, the rank, σ_{r+1},
@@ -33,6 +38,7 @@ import math
 import re
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,6 +65,9 @@ class Cuttlefish(Schedule):
         self,
         *,
         check_every: int = 50,
+        switch_test: str = "slope",
+        window: int = 15,
+        slope_tol: float = 0.1,
         tol: float = 0.02,
         max_full_steps: int | None = None,
         min_full_steps: int = 0,
@@ -71,11 +80,18 @@ class Cuttlefish(Schedule):
         check_int("cuttlefish", "max_full_steps", max_full_steps, 0, optional=True)
         check_int("cuttlefish", "min_full_steps", min_full_steps, 0)
         check_real("cuttlefish", "tol", tol, 0.0, open_low=True)
+        check_real("cuttlefish", "slope_tol", slope_tol, 0.0, open_low=True)
+        check_int("cuttlefish", "window", window, 2)
+        if switch_test not in ("slope", "relative"):
+            raise ConfigError(f"cuttlefish: switch_test must be 'slope' or 'relative', got {switch_test!r}")
         self.check_every, self.tol = check_every, float(tol)
+        self.switch_test, self.window, self.slope_tol = switch_test, window, float(slope_tol)
         self.max_full_steps, self.min_full_steps = max_full_steps, min_full_steps
         self.targets, self.exclude, self.release_base = targets, exclude, release_base
         self.initial: dict[str, float] = {}  # srank(W_0) per layer
         self.history: list[dict[str, float]] = []  # scaled stable ranks at each check
+        self.floors: list[dict[str, int]] = []  # floored stable ranks at each check (the "slope" test)
+        self.stable: dict[str, bool] = {}  # per layer, once stable under the "slope" test
         self.switched = False
         self.ranks: dict[str, int] = {}
         self.report: dict[str, dict[str, float]] = {}
@@ -111,14 +127,37 @@ class Cuttlefish(Schedule):
             return True
         if self.t < self.min_full_steps or len(self.history) < 2:
             return False
+        if self.switch_test == "slope":
+            return bool(self.stable) and all(self.stable.values())
         prev, cur = self.history[-2], self.history[-1]
         return all(abs(cur[p] - prev[p]) / max(prev[p], 1e-12) < self.tol for p in cur)
+
+    def _update_stable(self) -> None:
+        """The reference's per-layer test on the floored stable ranks recorded so far."""
+        epoch = len(self.floors) - 1
+        remain = sum(not self.stable.get(p, False) for p in self.floors[-1])
+        thr = self.slope_tol * {2: 1.0, 1: 2.0}.get(remain, 1.0)  # the reference's scaler (1.0) for non-CNN models
+        for p in self.floors[-1]:
+            if self.stable.get(p, False) or epoch < self.window:
+                self.stable.setdefault(p, False)
+                continue
+            rec = [f[p] for f in self.floors]
+            w = 2.0 / (self.window + 1)  # ``points``-point exponential moving average
+            ema = [float(rec[0])]
+            for v in rec[1:]:
+                ema.append(v * w + ema[-1] * (1 - w))
+            slope = np.abs(np.gradient(np.asarray(ema)))
+            self.stable[p] = bool(np.mean(slope[-11:]) <= thr)
 
     def on_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.switched:
             return
         if self.t % self.check_every == 0:
-            self.history.append(self.scaled_ranks(model))
+            scaled = self.scaled_ranks(model)
+            self.history.append(scaled)
+            full = {p: min(b.in_features, b.out_features) for p, b in self._layers(model)}
+            self.floors.append({p: int(scaled[p] * self.initial[p] / full[p] + 1e-9) for p in scaled})
+            self._update_stable()
         if self.should_switch():
             self.switch(model, optimizer)
 
@@ -128,7 +167,13 @@ class Cuttlefish(Schedule):
         current = self.scaled_ranks(model)  # the ranks now, at the switch
         ranks = {}
         for path, base in self._layers(model):
-            r = max(1, math.ceil(current[path]))
+            full = min(base.in_features, base.out_features)
+            if self.switch_test == "slope":  # the reference's ⌈⌊srank_t⌋ · full / ⌊srank_0⌋⌉
+                now = int(current[path] * self.initial[path] / full + 1e-9)
+                r = min(full, math.ceil(now * full / max(1, int(self.initial[path]))))
+            else:
+                r = math.ceil(current[path])
+            r = max(1, r)
             n_in, n_out = base.in_features, base.out_features
             if r * (n_in + n_out) < n_in * n_out:  # only where factorising saves parameters
                 ranks[path] = r
@@ -179,12 +224,14 @@ class Cuttlefish(Schedule):
         optimizer.param_groups[0]["params"].extend(new)
 
     # -- resuming -----------------------------------------------------------------------------------
-    state_keys = ("t", "initial", "history", "switched", "ranks")
+    state_keys = ("t", "initial", "history", "switched", "ranks", "floors", "stable")
 
     def extra_state(self) -> dict[str, Any]:
         return {
             "initial": dict(self.initial),
             "history": [dict(h) for h in self.history],
+            "floors": [dict(f) for f in self.floors],
+            "stable": dict(self.stable),
             "switched": self.switched,
             "ranks": dict(self.ranks),
             "report": {k: dict(v) for k, v in self.report.items()},
@@ -193,6 +240,8 @@ class Cuttlefish(Schedule):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.initial = dict(state["initial"])
         self.history = [dict(h) for h in state["history"]]
+        self.floors = [{k: int(v) for k, v in f.items()} for f in state["floors"]]
+        self.stable = {k: bool(v) for k, v in state["stable"].items()}
         self.switched = bool(state["switched"])
         self.ranks = {k: int(v) for k, v in state["ranks"].items()}
         self.report = dict(state.get("report", {}))
