@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._checks import is_finite_real
 from ..errors import ConfigError
 from .projectors.random import gaussian_basis, next_seed, split_seed
-from .transforms import State, Transform, check_positive
+from .transforms import State, Transform, check_coefficient, check_positive
 
 
 @dataclass
@@ -47,8 +46,7 @@ class Flora(Transform):
                  eps: float = 1e-30, clip_threshold: float = 1.0, seed: int = 0):
         if kappa < 1:
             raise ConfigError(f"flora: kappa must be >= 1, got {kappa}")
-        if not 0.0 <= beta1 < 1.0:
-            raise ConfigError(f"flora: beta1 must lie in [0, 1), got {beta1}")
+        check_coefficient("flora", "beta1", beta1)
         check_positive("flora", "clip_threshold", clip_threshold)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigError(f"flora: seed must be a non-negative int, got {seed!r}")
@@ -59,11 +57,9 @@ class Flora(Transform):
         return {"beta1": self.b1, "clip_threshold": self.clip}
 
     def set_hyper(self, values):
-        b1 = values.get("beta1", self.b1)
-        if not is_finite_real(b1) or not 0.0 <= b1 < 1.0:
-            raise ConfigError(f"flora: beta1 must lie in [0, 1), got {b1!r}")
+        b1 = check_coefficient("flora", "beta1", values.get("beta1", self.b1))
         self.clip = check_positive("flora", "clip_threshold", values.get("clip_threshold", self.clip))
-        self.b1 = float(b1)
+        self.b1 = b1
 
     def init(self, p, index=0):
         m, n = p.shape

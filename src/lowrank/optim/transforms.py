@@ -34,6 +34,13 @@ def check_positive(owner: str, key: str, value: Any, *, allow_zero: bool = False
     return float(value)
 
 
+def check_coefficient(owner: str, key: str, value: Any) -> float:
+    """A decay coefficient in [0, 1) (momentum, beta1) as a float; ConfigError naming ``key`` otherwise."""
+    if not is_finite_real(value) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{owner}: {key} must lie in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_betas(owner: str, betas: Any) -> tuple[float, float]:
     """Two coefficients in [0, 1); ConfigError naming ``betas`` otherwise."""
     try:
@@ -340,10 +347,7 @@ class Adafactor(Inner):
     def set_hyper(self, values):
         clip = check_positive("adafactor", "clip_threshold", values.get("clip_threshold", self.clip))
         if self.has_m and "beta1" in values:
-            b1 = values["beta1"]
-            if not is_finite_real(b1) or not 0.0 <= b1 < 1.0:
-                raise ConfigError(f"adafactor: beta1 must lie in [0, 1), got {b1!r}")
-            self.beta1 = float(b1)
+            self.beta1 = check_coefficient("adafactor", "beta1", values["beta1"])
         self.clip = clip
 
     def init(self, p, index=0):
@@ -394,19 +398,13 @@ class SGDMomentum(Inner):
     name = "sgd"
 
     def __init__(self, momentum: float = 0.9, nesterov: bool = False):
-        self.mu, self.nesterov = self._momentum(momentum), nesterov
-
-    @staticmethod
-    def _momentum(momentum) -> float:
-        if not is_finite_real(momentum) or not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"sgd: momentum must lie in [0, 1), got {momentum!r}")
-        return float(momentum)
+        self.mu, self.nesterov = check_coefficient("sgd", "momentum", momentum), nesterov
 
     def hyper(self):
         return {"momentum": self.mu}
 
     def set_hyper(self, values):
-        self.mu = self._momentum(values.get("momentum", self.mu))
+        self.mu = check_coefficient("sgd", "momentum", values.get("momentum", self.mu))
 
     def init(self, p, index=0):
         return MomentumState(torch.zeros_like(p))

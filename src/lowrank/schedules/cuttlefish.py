@@ -105,12 +105,16 @@ class Cuttlefish(Schedule):
             out.append((path, BaseLayer(mod)))
         return out
 
+    def stable_ranks(self, model: nn.Module) -> dict[str, float]:
+        """srank(W_t) of every tracked layer."""
+        return {path: stable_rank(base.weight) for path, base in self._layers(model)}
+
+    def _scaled(self, model: nn.Module, raw: dict[str, float]) -> dict[str, float]:
+        full = {p: min(b.in_features, b.out_features) for p, b in self._layers(model)}
+        return {p: raw[p] * full[p] / self.initial[p] for p in raw}
+
     def scaled_ranks(self, model: nn.Module) -> dict[str, float]:
-        res = {}
-        for path, base in self._layers(model):
-            full = min(base.in_features, base.out_features)
-            res[path] = stable_rank(base.weight) * full / self.initial[path]
-        return res
+        return self._scaled(model, self.stable_ranks(model))
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.switched and self.ranks and not any(n == ADAPTER for _, l in adapted_layers(model) for n in l.adapters):
@@ -153,10 +157,9 @@ class Cuttlefish(Schedule):
         if self.switched:
             return
         if self.t % self.check_every == 0:
-            scaled = self.scaled_ranks(model)
-            self.history.append(scaled)
-            full = {p: min(b.in_features, b.out_features) for p, b in self._layers(model)}
-            self.floors.append({p: int(scaled[p] * self.initial[p] / full[p] + 1e-9) for p in scaled})
+            raw = self.stable_ranks(model)
+            self.history.append(self._scaled(model, raw))
+            self.floors.append({p: int(v) for p, v in raw.items()})
             self._update_stable()
         if self.should_switch():
             self.switch(model, optimizer)
@@ -164,13 +167,13 @@ class Cuttlefish(Schedule):
     # -- the switch ---------------------------------------------------------------------------------
     def switch(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, float]]:
         """Factorise every tracked layer at its measured rank; returns the truncation report."""
-        current = self.scaled_ranks(model)  # the ranks now, at the switch
+        raw = self.stable_ranks(model)  # the ranks now, at the switch
+        current = self._scaled(model, raw)
         ranks = {}
         for path, base in self._layers(model):
             full = min(base.in_features, base.out_features)
             if self.switch_test == "slope":  # the reference's ⌈⌊srank_t⌋ · full / ⌊srank_0⌋⌉
-                now = int(current[path] * self.initial[path] / full + 1e-9)
-                r = min(full, math.ceil(now * full / max(1, int(self.initial[path]))))
+                r = min(full, math.ceil(int(raw[path]) * full / max(1, int(self.initial[path]))))
             else:
                 r = math.ceil(current[path])
             r = max(1, r)
