@@ -246,4 +246,11 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 w += a.merge_into(w0.to(a.compute_dtype)).float() - w0
         w = w.to(layer.base.dtype)
         state[f"{owner}.weight"] = (w.T if layer.base.transposed else w).contiguous()
+        if layer.base.bias is not None:  # an update that moves the bias (Hydra) moves it here too
+            b0 = layer.base.bias.detach().float()
+            b = b0.clone()
+            for a in live:
+                if not isinstance(a, FullWeight):
+                    b += a.merge_bias_into(b0.to(a.compute_dtype)).float() - b0
+            state[f"{owner}.bias"] = b.to(layer.base.bias.dtype).contiguous()
     return state

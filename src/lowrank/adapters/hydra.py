@@ -3,16 +3,14 @@
 A parallel low-rank branch on the input plus a sequential low-rank branch on the frozen
 layer's output (a learned linear combination of the pre-trained features):
 
-    h = W x + b + s · B_p A_p x + s · B_s A_s (W x),      A_p (r, in), B_p (out, r), A_s (r, out), B_s (out, r)
+    h = W x + b + s · B_p A_p x + s · B_s A_s (W x + b),   A_p (r, in), B_p (out, r), A_s (r, out), B_s (out, r)
 
 so ΔW = s (B_p A_p + B_s A_s W) depends on W, and the layer still merges exactly:
-W' = (I + s B_s A_s) W + s B_p A_p.  Both B start at zero.  The sequential branch reads W x
-without the bias (the bias stays outside the merge).  Unmerging inverts (I + s B_s A_s) with
-the Woodbury identity (an r × r solve).
-
-Against the reference code (extremebird/Hydra): identical on bias-free layers (Llama-style).
-On a layer with a bias the reference's sequential branch reads W x + b and its merge also moves
-the bias (b' = b + s B_s A_s b); here the bias is left out, so the two differ by s B_s A_s b.
+W' = (I + s B_s A_s) W + s B_p A_p and b' = (I + s B_s A_s) b.  Both B start at zero.  The
+sequential branch reads the base layer's whole output, bias included, as the reference code
+(extremebird/Hydra) does, so its merge moves the bias too; on bias-free layers (Llama-style)
+the paper's h = W x + B_p A_p x + B_s A_s W x is the same thing.  Unmerging inverts
+(I + s B_s A_s) with the Woodbury identity (an r × r solve).
 ``dropout`` applies to the parallel branch's input only (the reference's NLU code has none; its
 VTAB code drops each branch's rank-r hidden state).
 
@@ -39,7 +37,7 @@ class Hydra(Adapter):
     name = "hydra"
     reads_base_weight = True
     paper = "Hydra: Multi-head Low-rank Adaptation for Parameter Efficient Fine-tuning (Kim et al., 2024), arXiv:2309.06922"
-    formula = "h = W x + b + (alpha/r) (B_p A_p x + B_s A_s W x)"
+    formula = "h = W x + b + (alpha/r) (B_p A_p x + B_s A_s (W x + b))"
     params_formula = "r * (in + out) + 2 * r * out"
 
     def __init__(self, base: BaseLayer, *, rank: int, alpha: float | None = None, dropout: float = 0.0):
@@ -64,10 +62,9 @@ class Hydra(Adapter):
             raise ShapeError(f"rank {rank} exceeds the dimensions of {path!r} ({base.out_features}x{base.in_features})")
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer) -> torch.Tensor:
-        bias = base.bias
-        wx = (base_out if bias is None else base_out - bias).to(x.dtype)  # (..., out)  W x
+        y = base_out.to(x.dtype)  # (..., out)  W x + b
         par = F.linear(F.linear(x, self.par_A.weight), self.par_B.weight)  # (..., out)  B_p A_p x
-        seq = F.linear(F.linear(wx, self.seq_A.weight), self.seq_B.weight)  # (..., out)  B_s A_s W x
+        seq = F.linear(F.linear(y, self.seq_A.weight), self.seq_B.weight)  # (..., out)  B_s A_s (W x + b)
         return base_out + (self.scaling * (par + seq)).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -79,15 +76,23 @@ class Hydra(Adapter):
         seq = self.seq_B.weight @ (self.seq_A.weight @ weight)  # (out, in)
         return weight + s * (par + seq)
 
+    def merge_bias_into(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias + self.scaling * (self.seq_B.weight @ (self.seq_A.weight @ bias))  # (I + s B_s A_s) b
+
     def unmerge_from(self, merged: torch.Tensor) -> torch.Tensor:
-        # W = (I + U V)^{-1} (W' - s B_p A_p),  U = s B_s (out, r), V = A_s (r, out)
-        # (I + U V)^{-1} = I - U (I_r + V U)^{-1} V
-        s = self.scaling
-        U, V = (s * self.seq_B.weight).double(), self.seq_A.weight.double()
-        rhs = merged.double() - s * (self.par_B.weight @ self.par_A.weight).double()
+        # W = (I + s B_s A_s)^{-1} (W' - s B_p A_p)
+        rhs = merged.double() - self.scaling * (self.par_B.weight @ self.par_A.weight).double()
+        return self._undo_sequential(rhs).to(merged.dtype)
+
+    def unmerge_bias_from(self, merged: torch.Tensor) -> torch.Tensor:
+        return self._undo_sequential(merged.double()[:, None])[:, 0].to(merged.dtype)  # (I + s B_s A_s)^{-1} b'
+
+    def _undo_sequential(self, rhs: torch.Tensor) -> torch.Tensor:
+        """(I + U V)^{-1} rhs in float64 for rhs (out, k), U = s B_s (out, r), V = A_s (r, out),
+        by Woodbury: (I + U V)^{-1} = I - U (I_r + V U)^{-1} V."""
+        U, V = (self.scaling * self.seq_B.weight).double(), self.seq_A.weight.double()
         small = torch.eye(self.rank, dtype=torch.float64, device=U.device) + V @ U  # (r, r)
-        w = rhs - U @ torch.linalg.solve(small, V @ rhs)
-        return w.to(merged.dtype)
+        return rhs - U @ torch.linalg.solve(small, V @ rhs)
 
     @classmethod
     def trainable_count(cls, in_features: int, out_features: int, rank: int, **options: Any) -> int:

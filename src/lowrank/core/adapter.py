@@ -106,6 +106,15 @@ class Adapter(nn.Module):
         """Inverse of :meth:`merge_into`."""
         return merged - self.delta_weight().to(merged.dtype)
 
+    def merge_bias_into(self, bias: torch.Tensor) -> torch.Tensor:
+        """The merged bias b' for base bias b (out,).  Default b: most updates leave the bias alone;
+        one that transforms the layer's output (Hydra's sequential branch reads W x + b) moves it."""
+        return bias
+
+    def unmerge_bias_from(self, merged: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merge_bias_into`."""
+        return merged
+
     def finalize(self, weight: torch.Tensor) -> None:
         """Called once after the (possibly replaced) init with the effective base weight."""
 

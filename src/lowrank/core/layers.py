@@ -74,6 +74,11 @@ class BaseLayer:
         """Overwrite W (given as (out, in)) in place, keeping the stored dtype and layout."""
         self.weight.copy_(w.to(self.dtype))
 
+    @torch.no_grad()
+    def set_bias(self, b: torch.Tensor) -> None:
+        """Overwrite the bias in place, keeping its dtype."""
+        self.bias.copy_(b.to(self.bias.dtype))
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """W x without the bias."""
         return nn.functional.linear(x, self.weight)
@@ -221,7 +226,11 @@ class AdaptedLayer(nn.Module):
         base = self.base
         if not self.merged and len(todo) == 1:
             adapter = self.adapters[todo[0]]
-            base.set_weight(adapter.merge_into(base.weight.to(adapter.compute_dtype)))
+            w = adapter.merge_into(base.weight.to(adapter.compute_dtype))
+            b = None if base.bias is None else adapter.merge_bias_into(base.bias.to(adapter.compute_dtype))
+            base.set_weight(w)
+            if b is not None:
+                base.set_bias(b)
             self.merged.append(todo[0])
             return
         # Several adapters: each update is taken against the same base weight W0 (as in forward)
@@ -229,27 +238,41 @@ class AdaptedLayer(nn.Module):
         names = self.merged + todo
         self.unmerge()
         w0 = base.weight.detach().clone()  # (out, in)
+        b0 = None if base.bias is None else base.bias.detach().clone()  # (out,)
         merged = w0.to(torch.promote_types(w0.dtype, torch.float32), copy=True)  # summed in at least fp32
+        merged_b = None if b0 is None else b0.to(merged.dtype, copy=True)
         for name in names:
             adapter = self.adapters[name]
             w = w0.to(adapter.compute_dtype)
             w_i = adapter.merge_into(w)
             adapter.unmerge_from(w_i)  # releases what merge_into kept for its own unmerge
             merged += (w_i - w).to(merged.dtype)
+            if b0 is not None:
+                b = b0.to(adapter.compute_dtype)
+                merged_b += (adapter.merge_bias_into(b) - b).to(merged.dtype)
         base.set_weight(merged)
-        self._premerge_weight = w0
+        if b0 is not None:
+            base.set_bias(merged_b)
+        self._premerge_weight = (w0, b0)
         self.merged = names
 
     @torch.no_grad()
     def unmerge(self) -> None:
         base = self.base
-        w0 = self.__dict__.pop("_premerge_weight", None)
-        if w0 is not None:
+        saved = self.__dict__.pop("_premerge_weight", None)
+        if saved is not None:
+            w0, b0 = saved
             base.set_weight(w0)
+            if b0 is not None:
+                base.set_bias(b0)
             self.merged = []
         while self.merged:
             adapter = self.adapters[self.merged[-1]]
-            base.set_weight(adapter.unmerge_from(base.weight.to(adapter.compute_dtype)))
+            w = adapter.unmerge_from(base.weight.to(adapter.compute_dtype))
+            b = None if base.bias is None else adapter.unmerge_bias_from(base.bias.to(adapter.compute_dtype))
+            base.set_weight(w)
+            if b is not None:
+                base.set_bias(b)
             self.merged.pop()
 
     def extra_repr(self) -> str:
