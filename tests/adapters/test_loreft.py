@@ -76,3 +76,52 @@ def test_positions_and_no_merge():
         lowrank.merge(m)
     with pytest.raises(lowrank.ConfigError, match="first_n"):
         _adapted(first_n=-1)
+
+
+def _phi(h, rotate, source):
+    R, W, b = rotate.weight.detach(), source.weight.detach(), source.bias.detach()
+    return h + (h @ W.T + b - h @ R.T) @ R
+
+
+@pytest.mark.parametrize("t", [12, 4])  # 4 < first_n + last_n: the two position sets overlap
+def test_untied_prefix_and_suffix_interventions(t):
+    """share_weights=False learns (R', W', b') for the last positions; where both apply, the suffix
+    one edits the prefix-edited state (pyvene's order); both train and both R stay orthonormal."""
+    m = _adapted(first_n=2, last_n=3, share_weights=False)
+    (_, wrapped), = list(lowrank.adapted_layers(m))
+    a = wrapped.adapters["default"]
+    assert sum(p.numel() for _, p in lowrank.trainable_parameters(m)) == 2 * (2 * 4 * 32 + 4)
+    assert lowrank.count_parameters(m)[0] == 2 * (2 * 4 * 32 + 4)
+    seen, edited = {}, {}
+    wrapped.base_layer.register_forward_hook(lambda mod, inp, out: seen.__setitem__("h", out))
+    wrapped.register_forward_hook(lambda mod, inp, out: edited.__setitem__("h", out))
+    with torch.no_grad():
+        m(input_ids=IDS[:, :t])
+    h = seen["h"]
+    pre = _phi(h, a.rotate_layer, a.learned_source)
+    expect = h.clone()
+    expect[:, :2] = pre[:, :2]
+    expect[:, t - 3 :] = _phi(expect, a.rotate_layer_suffix, a.learned_source_suffix)[:, t - 3 :]
+    torch.testing.assert_close(edited["h"], expect, atol=1e-5, rtol=0)
+    # the two interventions differ (separately initialised), so a tied model computes something else
+    assert not torch.allclose(a.rotate_layer.weight, a.rotate_layer_suffix.weight)
+    m.train()
+    opt = torch.optim.Adam([p for _, p in lowrank.trainable_parameters(m)], lr=0.1)
+    R0 = a.rotate_layer_suffix.weight.detach().clone()
+    opt.zero_grad()
+    m(input_ids=IDS).logits.pow(2).mean().backward()
+    opt.step()
+    R = a.rotate_layer_suffix.weight.detach()
+    assert not torch.allclose(R, R0, atol=1e-4)
+    torch.testing.assert_close(R @ R.T, torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_share_weights_is_checked_and_save_load_round_trips(tmp_path):
+    with pytest.raises(lowrank.ConfigError, match="share_weights"):
+        _adapted(first_n=1, last_n=1, share_weights="no")
+    m = _adapted(first_n=2, last_n=3, share_weights=False)
+    lowrank.save_adapter(m, tmp_path / "a")
+    fresh = tiny_llama()
+    lowrank.load_adapter(fresh, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=IDS).logits, m(input_ids=IDS).logits, atol=1e-6, rtol=0)

@@ -17,14 +17,19 @@ only, as the paper's prefix+suffix strategy; both 0 (the default) intervene ever
 padding, "last" means the last positions of the tensor; with a KV cache, positions are those of
 the current forward call.  There is no weight update, so ``merge`` raises MergeError.
 
-Against pyreft: ``dropout`` drops out the intervened positions' whole state Φ(h), as its
-``LoreftIntervention``.  Two differences stay: one intervention serves both the first and the
-last positions (pyreft's ``share_weights=True``; its training script's default learns a separate
-one for each), and positions are those of the tensor, not of the prompt only (pyreft locates
-them in the instruction and leaves generated tokens alone; it also caps first_n / last_n at half
-the prompt).
+Weight tying (the paper's "tied weights" hyperparameter, pyreft's ``share_weights``): by default
+one intervention serves both the first and the last positions; ``share_weights=False`` with both
+``first_n`` and ``last_n`` set learns a second one (R', W', b') for the last positions, as
+pyreft's training script does by default.  Where the two position sets overlap (a sequence
+shorter than first_n + last_n), the suffix intervention edits the prefix-edited state, the
+order in which pyvene applies a layer's interventions.
 
-Trainable parameters per intervened module: 2 · r · d + r.
+Against pyreft: ``dropout`` drops out the intervened positions' whole state Φ(h), as its
+``LoreftIntervention``.  One difference stays: positions are those of the tensor, not of the
+prompt only (pyreft locates them in the instruction and leaves generated tokens alone; it also
+caps first_n / last_n at half the prompt).
+
+Trainable parameters per intervened module: 2 · r · d + r, twice that with two interventions.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class LoReFT(Adapter):
     name = "loreft"
     paper = "ReFT: Representation Finetuning for Language Models (Wu et al., NeurIPS 2024), arXiv:2404.03592"
     formula = "h' = h + R^T (W h + b - R h),  R (r x d) orthonormal rows; h = the module's output"
-    params_formula = "2 * r * d + r   (d = the module's output width)"
+    params_formula = "2 * r * d + r   (d = the module's output width; twice that with share_weights=False)"
     layer_types = (nn.Module,)
     mergeable = False
     identity_at_init = False
@@ -62,20 +67,32 @@ class LoReFT(Adapter):
         dropout: float = 0.0,
         first_n: int = 0,
         last_n: int = 0,
+        share_weights: bool = True,
     ):
         super().__init__(base, rank=rank, alpha=alpha, dropout=0.0)
         # pyreft's LoreftIntervention drops out the whole intervened state Φ(h), not only the edit
         self.edit_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         d = self.out_features
         self.first_n, self.last_n = int(first_n), int(last_n)
+        self.share_weights = bool(share_weights)
         self.rotate_layer = orthogonal(nn.Linear(d, rank, bias=False))  # R (r, d), orthonormal rows
         self.learned_source = nn.Linear(d, rank)  # W (r, d), b (r)
+        if self._two_interventions(first_n, last_n, share_weights):  # R', W', b' for the last positions
+            self.rotate_layer_suffix = orthogonal(nn.Linear(d, rank, bias=False))
+            self.learned_source_suffix = nn.Linear(d, rank)
+
+    @staticmethod
+    def _two_interventions(first_n: int, last_n: int, share_weights: bool) -> bool:
+        return not share_weights and first_n > 0 and last_n > 0
 
     @classmethod
-    def validate(cls, base: BaseLayer, rank: int, path: str, first_n: int = 0, last_n: int = 0, **options: Any) -> None:
+    def validate(cls, base: BaseLayer, rank: int, path: str, first_n: int = 0, last_n: int = 0,
+                 share_weights: bool = True, **options: Any) -> None:
         for k, v in (("first_n", first_n), ("last_n", last_n)):
-            if not isinstance(v, int) or v < 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"loreft option {k} must be a non-negative integer, got {v!r}")
+        if not isinstance(share_weights, bool):
+            raise ConfigError(f"loreft option share_weights must be True or False, got {share_weights!r}")
         if rank > base.out_features:
             raise ShapeError(f"loreft rank {rank} exceeds the hidden width {base.out_features} of {path!r}")
 
@@ -83,26 +100,31 @@ class LoReFT(Adapter):
     def R(self) -> torch.Tensor:
         return self.rotate_layer.weight  # (r, d)
 
-    def intervene(self, h: torch.Tensor) -> torch.Tensor:
-        """Φ(h) = h + Rᵀ (W h + b − R h) for hidden states h (..., d) (then dropout, as pyreft)."""
-        R = self.R
-        delta = self.learned_source(h) - h @ R.T  # (..., r)   W h + b − R h
+    def intervene(self, h: torch.Tensor, suffix: bool = False) -> torch.Tensor:
+        """Φ(h) = h + Rᵀ (W h + b − R h) for hidden states h (..., d) (then dropout, as pyreft);
+        ``suffix``: the last positions' own intervention (share_weights=False)."""
+        rotate, source = ((self.rotate_layer_suffix, self.learned_source_suffix) if suffix
+                          else (self.rotate_layer, self.learned_source))
+        R = rotate.weight  # (r, d)
+        delta = source(h) - h @ R.T  # (..., r)   W h + b − R h
         return self.edit_dropout(h + delta @ R)  # (..., d)
 
     def forward(self, x: torch.Tensor, base_out: Any, base: BaseLayer) -> Any:
         if isinstance(base_out, tuple):  # modules returning (hidden, extras...)
             return (self.forward(x, base_out[0], base), *base_out[1:])
         h = base_out.to(self.R.dtype)
-        if (self.first_n or self.last_n) and h.dim() >= 2:
-            t = h.shape[-2]
-            pos = torch.zeros(t, dtype=torch.bool, device=h.device)
-            pos[: self.first_n] = True
-            if self.last_n:
-                pos[max(0, t - self.last_n) :] = True
-            out = torch.where(pos[:, None], self.intervene(h), h)
-        else:
-            out = self.intervene(h)
-        return out.to(base_out.dtype)
+        if not (self.first_n or self.last_n) or h.dim() < 2:
+            return self.intervene(h).to(base_out.dtype)
+        t = h.shape[-2]
+        first = torch.zeros(t, dtype=torch.bool, device=h.device)  # (t,)
+        first[: self.first_n] = True
+        last = torch.zeros_like(first)
+        if self.last_n:
+            last[max(0, t - self.last_n) :] = True
+        if not self._two_interventions(self.first_n, self.last_n, self.share_weights):
+            return torch.where((first | last)[:, None], self.intervene(h), h).to(base_out.dtype)
+        h = torch.where(first[:, None], self.intervene(h), h)  # prefix, then suffix (pyvene's order)
+        return torch.where(last[:, None], self.intervene(h, suffix=True), h).to(base_out.dtype)
 
     def check_mergeable(self) -> None:
         raise MergeError("method 'loreft' edits hidden states, not a weight: there is nothing to merge")
@@ -113,4 +135,6 @@ class LoReFT(Adapter):
 
     @classmethod
     def trainable_count(cls, in_features: int, out_features: int, rank: int, **options: Any) -> int:
-        return 2 * rank * out_features + rank
+        two = cls._two_interventions(options.get("first_n", 0), options.get("last_n", 0),
+                                     options.get("share_weights", True))
+        return (2 if two else 1) * (2 * rank * out_features + rank)
