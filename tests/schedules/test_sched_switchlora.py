@@ -140,3 +140,58 @@ def test_a_vector_whose_counterpart_is_frozen_is_not_switched():
     A0 = a.A.detach().clone()
     assert sched.switch(layer, a, st, opt, "A", 4) == 1
     assert torch.equal(a.A[:3], A0[:3]) and not torch.equal(a.A[3], A0[3])
+
+
+def test_with_elementwise_adamw_a_counterpart_restarts_its_bias_correction():
+    """As the reference's recipe (--zero_switch_state --zero_switch_step_state, StepAdamW): the
+    counterpart's step counts restart with its moments, so once unfrozen its first update is a
+    fresh Adam's (lr per entry), not (1 - b1)/sqrt(1 - b2) x lr."""
+    from lowrank.optim import ElementwiseAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+    lowrank.adapt(model, "lora", rank=4, alpha=1.0)
+    a = model[0].adapters["default"]
+    lr = 1e-3
+    opt = ElementwiseAdamW([a.A, a.B], lr=lr, weight_decay=0.0)
+    sched = SwitchLoRA(total_steps=1000, freeze_steps=2)
+    sched.attach(model, opt)
+    x = torch.randn(8, 16)
+    for _ in range(30):
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    st = sched.layers["0"]
+    assert sched.switch(model[0], a, st, opt, "A", 1) == 1
+    i = int(st.frozen_B.nonzero()[0])  # column i of B is the counterpart
+    ostate = opt.state[a.B]
+    assert ostate["step"][:, i].eq(0).all() and ostate["step"][:, (i + 1) % 4].eq(30).all()
+    for _ in range(2):  # frozen: no gradient, so no move; the counts still advance
+        before = a.B.detach()[:, i].clone()
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.equal(a.B.detach()[:, i], before)
+        st.frozen_B.sub_(1).clamp_(min=0)
+    before = a.B.detach()[:, i].clone()
+    model(x).pow(2).sum().backward()
+    g = a.B.grad[:, i].clone()
+    opt.step()
+    n = 3.0  # third count since the restart: m = 0.1 g, v = 0.001 g^2 after two zero-gradient steps
+    m_hat, v_hat = 0.1 * g / (1 - 0.9**n), 0.001 * g * g / (1 - 0.999**n)
+    torch.testing.assert_close(a.B.detach()[:, i] - before, -lr * m_hat / (v_hat.sqrt() + 1e-8), atol=1e-9, rtol=1e-4)
+
+
+def test_switchlora_recipe_gives_the_factors_elementwise_counts():
+    from lowrank.optim import ElementwiseAdamW
+    from lowrank.recipes import TaskInfo, get_recipe
+
+    model = tiny_llama()
+    prepared = get_recipe("switchlora").build(model, TaskInfo("pretrain"), rank=4, total_steps=50)
+    opt = prepared.optimizer
+    assert isinstance(opt, ElementwiseAdamW)
+    flags = {id(p): g["elementwise_step"] for g in opt.param_groups for p in g["params"]}
+    for _, layer in lowrank.adapted_layers(model):
+        a = layer.adapters["default"]
+        assert flags[id(a.A)] and flags[id(a.B)]
+    assert not flags[id(model.model.embed_tokens.weight)]

@@ -7,6 +7,7 @@ optimizers (LoRA+, LoRA-Pro, LoFT, ALLoRA).
 from .adapter_side import *  # noqa: F401,F403  (loraplus, lora_pro, loft, allora)
 from .adapter_side import __all__ as _adapter_side_all
 from .apollo import apollo, apollo_mini
+from .elementwise_adamw import ElementwiseAdamW
 from .fira import fira
 from .flora import flora
 from .galore import galore
@@ -19,5 +20,5 @@ from .transforms import chain, inner_names
 __all__ = [
     *_adapter_side_all,
     "galore", "fira", "apollo", "apollo_mini", "flora", "q_galore", "osd", "projectors", "state_bytes",
-    "inner_names", "chain", "split_targets", "LowRankOptimizer", "NonFiniteGradientError",
+    "inner_names", "chain", "split_targets", "LowRankOptimizer", "NonFiniteGradientError", "ElementwiseAdamW",
 ]

@@ -31,7 +31,9 @@ from ..adapters.factorized import parameterise, plain_state_dict
 from ..core.api import adapt
 from ..core.inject import adapted_layers
 from ..errors import ConfigError
+from ..optim.elementwise_adamw import ElementwiseAdamW
 from ..schedules import LISA, Cuttlefish, MomentumReset, OwLore, Refactorize, ReLoRA, SwitchLoRA
+from ..schedules.relora import factor_adapters
 from . import Prepared, TaskInfo, register_recipe
 
 PRETRAIN = ("pretrain",)
@@ -159,7 +161,12 @@ def switchlora_recipe(model, task, *, lr: float = 1e-3, rank: int = 32, total_st
     sched = SwitchLoRA(total_steps=total_steps, interval=interval, descent_rate=descent_rate, freeze_steps=freeze_steps)
     adapt(model, "lora", rank=rank, alpha=1.0)  # the reference's lora_alpha = 1 (s = 1/r), which its init bounds assume
     _train_outside_adapters(model)
-    opt = _adamw(model, lr, weight_decay)
+    # as the reference: the factors keep a step count per element, restarted with their moments at a switch
+    factors = {id(t) for _, _, a in factor_adapters(model, "default") for t in (a.A, a.B)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in factors], "elementwise_step": True},
+              {"params": [p for p in params if id(p) not in factors], "elementwise_step": False}]
+    opt = ElementwiseAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     return Prepared(model, opt, save_pretrained, _attach([sched], model, opt), {"method": "switchlora", "rank": rank})
 
 

@@ -32,9 +32,12 @@ fractional counts are rounded stochastically.  Which vectors switch, and to whic
 is drawn at random among those not in use whose vector and counterpart are both not frozen
 (the reference walks through the vectors in order with the same exclusion).
 
-Simplification (noted): the reference keeps a per-row/column Adam step counter and resets it
-for switched vectors; torch's Adam has one step counter per tensor, so only the moments are
-reset here.
+Adam's step count: the reference's recipe (``--zero_switch_state --zero_switch_step_state``)
+also restarts the counterpart's bias correction, with an AdamW that keeps one step count per
+element.  Here that is :class:`lowrank.optim.ElementwiseAdamW` (the ``switchlora`` recipe's
+optimizer for the factors): its ``step`` entries have the factor's shape and are zeroed with the
+moments.  Under torch's AdamW (one count per tensor) only the moments restart, so the first
+update after a freeze is about (1 − β₁)/√(1 − β₂) ≈ 3.2x larger than the reference's.
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ class SwitchLoRA(Schedule):
             B[:, vec] = new.t()
         base.set_weight(base.weight.to(delta.dtype) + delta)
         pool[slot] = old  # the vector that left returns to the pool, in the slot it frees
-        # counterpart: zero its moments and freeze it while Adam re-estimates them
+        # counterpart: zero its moments (and, under ElementwiseAdamW, its step counts) and freeze it
         counterpart = B if which == "A" else A
         frozen_other = st.frozen_B if which == "A" else st.frozen_A
         frozen_other[vec] = self.freeze_steps

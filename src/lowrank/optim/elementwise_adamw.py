@@ -1,0 +1,92 @@
+"""AdamW with a step counter per element, so that part of a tensor can restart its bias correction.
+
+torch's AdamW keeps one step count t per tensor: zeroing some rows' moments (a schedule that
+swaps those rows for fresh vectors, as SwitchLoRA does) leaves them bias-corrected with the
+tensor's large t, so their first update afterwards is (1 − β₁)/√(1 − β₂) ≈ 3.2 times Adam's
+usual first step.  Here a group with ``elementwise_step=True`` keeps ``state["step"]`` as a
+float32 tensor shaped like the parameter, and the update of element k is
+
+    m ← β₁ m + (1 − β₁) g,   v ← β₂ v + (1 − β₂) g²,   t_k ← t_k + 1
+    p ← p (1 − lr λ) − lr · (m / (1 − β₁^t_k)) / (√(v / (1 − β₂^t_k)) + ε)
+
+which is AdamW exactly while no count is reset.  A schedule restarts elements by zeroing their
+entries of ``exp_avg``, ``exp_avg_sq`` and ``step``.  Groups without the flag keep torch's scalar
+step (no memory for counts).  As in SwitchLoRA's reference optimizer (``StepAdamW``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import ConfigError
+from .transforms import check_betas, check_positive
+
+
+class ElementwiseAdamW(torch.optim.Optimizer):
+    """AdamW whose groups may keep one step count per element (``elementwise_step=True``)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, elementwise_step: bool = True):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, elementwise_step=elementwise_step)
+        super().__init__(params, defaults)
+        for i, g in enumerate(self.param_groups):
+            self._check(g, i)
+
+    @staticmethod
+    def _check(group: dict[str, Any], i: int) -> None:
+        where = f"elementwise_adamw param group {i}"
+        check_positive(where, "lr", group["lr"], allow_zero=True)
+        check_positive(where, "eps", group["eps"], allow_zero=True)
+        check_positive(where, "weight_decay", group["weight_decay"], allow_zero=True)
+        group["betas"] = check_betas(where, group["betas"])
+        if not isinstance(group["elementwise_step"], bool):
+            raise ConfigError(f"{where}: elementwise_step must be True or False, got {group['elementwise_step']!r}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for i, group in enumerate(self.param_groups):  # everything checked before anything changes
+            self._check(group, i)
+            for p in group["params"]:
+                t = self.state.get(p, {}).get("step")
+                if t is not None and (not torch.is_tensor(t) or t.shape not in (p.shape, torch.Size())):
+                    raise ConfigError(f"elementwise_adamw param group {i}: a parameter of shape {tuple(p.shape)} has "
+                                      f"a step count of shape {tuple(getattr(t, 'shape', ()))} (a state from "
+                                      "another optimizer or model?)")
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise ConfigError("elementwise_adamw does not take sparse gradients")
+                st = self.state[p]
+                if not st:
+                    shape = p.shape if group["elementwise_step"] else ()
+                    st["step"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if st["step"].device != p.device:  # torch's load_state_dict leaves counts where they were saved
+                    st["step"] = st["step"].to(p.device)
+                t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
+                t.add_(1)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                if t.dim() == 0:  # one count: torch's AdamW to the bit
+                    n = float(t)
+                    denom = (v.sqrt() / (1 - b2**n) ** 0.5).add_(eps)
+                    p.addcdiv_(m, denom, value=-lr / (1 - b1**n))
+                else:
+                    bc1 = 1 - torch.pow(b1, t.double())  # (p.shape)
+                    bc2 = (1 - torch.pow(b2, t.double())).sqrt_()
+                    denom = (v.sqrt() / bc2.to(v.dtype)).add_(eps)
+                    p.addcdiv_(m * (-lr / bc1).to(m.dtype), denom)
+        return loss
