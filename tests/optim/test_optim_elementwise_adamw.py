@@ -113,3 +113,39 @@ def test_state_dict_round_trip_resumes_bit_identically():
         o1.step()
         o2.step()
     assert torch.equal(p, q)
+
+
+def test_loads_a_torch_adamw_state_and_continues_it_exactly():
+    """A torch AdamW state dict (scalar counts, no elementwise_step key) loads; with per-element
+    counts the run continues exactly as torch's would."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = torch.optim.AdamW([p], lr=0.1, foreach=False)
+    gs = _grads(6, (4, 3))
+    for g in gs[:3]:
+        p.grad = g.clone()
+        ref.step()
+    q.data.copy_(p.detach())
+    ours = ElementwiseAdamW([q], lr=0.1)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for g in gs[3:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    assert torch.equal(p, q)
+    assert ours.state[q]["step"].shape == (4, 3) and ours.param_groups[0]["elementwise_step"]
+    bad = torch.optim.AdamW([p], lr=0.1, amsgrad=True)
+    ours.load_state_dict(copy.deepcopy(bad.state_dict()) | {"state": {}})
+    with pytest.raises(ConfigError, match="amsgrad"):
+        ours.step()
+
+
+def test_a_sparse_gradient_is_refused_before_any_parameter_moves():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = ElementwiseAdamW([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3).to_sparse()
+    before = a.detach().clone()
+    with pytest.raises(ConfigError, match="sparse"):
+        opt.step()
+    assert torch.equal(a, before) and not opt.state

@@ -132,3 +132,28 @@ def test_resume_restores_and_missing_state_is_an_error():
         load_schedules_state_dict([ReLoRA(every=3)], {})
     with pytest.raises(CheckpointError, match="restarts"):
         ReLoRA(every=3).load_state_dict({"name": "relora", "t": 3})
+
+
+@pytest.mark.parametrize("mode", ["prune", "prune-joint", "reset"])
+def test_restart_keeps_per_element_step_counts(mode):
+    """Under ElementwiseAdamW the step counts are shaped like the parameter: a restart prunes or
+    resets the moments only, as with torch's scalar count."""
+    from lowrank.optim import ElementwiseAdamW
+    from lowrank.schedules.relora import prune_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    lowrank.adapt(model, "lora", rank=4)
+    a = model[0].adapters["default"]
+    opt = ElementwiseAdamW([a.A, a.B], lr=1e-2)
+    x = torch.randn(8, 64)
+    for _ in range(5):
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    prune_state(opt, [a.A, a.B], mode, 0.9)
+    for p in (a.A, a.B):
+        st = opt.state[p]
+        assert st["step"].eq(5).all()
+        kept = int((st["exp_avg"] != 0).sum())
+        assert kept == 0 if mode == "reset" else 0 < kept <= p.numel() // 10 + 1

@@ -144,8 +144,9 @@ def test_a_vector_whose_counterpart_is_frozen_is_not_switched():
 
 def test_with_elementwise_adamw_a_counterpart_restarts_its_bias_correction():
     """As the reference's recipe (--zero_switch_state --zero_switch_step_state, StepAdamW): the
-    counterpart's step counts restart with its moments, so once unfrozen its first update is a
-    fresh Adam's (lr per entry), not (1 - b1)/sqrt(1 - b2) x lr."""
+    counterpart's step counts restart with its moments and advance through the freeze, so once
+    unfrozen its first update is bias-corrected with the count since the restart (as the
+    reference's), not with the tensor's whole history ((1 - b1)/sqrt(1 - b2) x lr)."""
     from lowrank.optim import ElementwiseAdamW
 
     torch.manual_seed(0)

@@ -29,7 +29,8 @@ Against pyreft: ``dropout`` drops out the intervened positions' whole state Φ(h
 prompt only (pyreft locates them in the instruction and leaves generated tokens alone; it also
 caps first_n / last_n at half the prompt).
 
-Trainable parameters per intervened module: 2 · r · d + r, twice that with two interventions.
+Trainable parameters per intervened module: 2 · r · d + r, twice that with two interventions
+(share_weights=False with both first_n and last_n > 0).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class LoReFT(Adapter):
     name = "loreft"
     paper = "ReFT: Representation Finetuning for Language Models (Wu et al., NeurIPS 2024), arXiv:2404.03592"
     formula = "h' = h + R^T (W h + b - R h),  R (r x d) orthonormal rows; h = the module's output"
-    params_formula = "2 * r * d + r   (d = the module's output width; twice that with share_weights=False)"
+    params_formula = ("2 * r * d + r   (d = the module's output width; twice that with share_weights=False "
+                      "and both first_n, last_n > 0)")
     layer_types = (nn.Module,)
     mergeable = False
     identity_at_init = False

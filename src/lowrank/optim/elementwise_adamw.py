@@ -34,9 +34,18 @@ class ElementwiseAdamW(torch.optim.Optimizer):
         for i, g in enumerate(self.param_groups):
             self._check(g, i)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a state dict saved by torch's AdamW has no elementwise_step
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     @staticmethod
     def _check(group: dict[str, Any], i: int) -> None:
         where = f"elementwise_adamw param group {i}"
+        for key in ("maximize", "amsgrad"):  # torch AdamW options this optimizer does not have
+            if group.get(key):
+                raise ConfigError(f"{where}: {key}=True is not supported (a state dict of torch's AdamW with {key}?)")
         check_positive(where, "lr", group["lr"], allow_zero=True)
         check_positive(where, "eps", group["eps"], allow_zero=True)
         check_positive(where, "weight_decay", group["weight_decay"], allow_zero=True)
@@ -53,6 +62,8 @@ class ElementwiseAdamW(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):  # everything checked before anything changes
             self._check(group, i)
             for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise ConfigError(f"elementwise_adamw param group {i}: sparse gradients are not supported")
                 t = self.state.get(p, {}).get("step")
                 if t is not None and (not torch.is_tensor(t) or t.shape not in (p.shape, torch.Size())):
                     raise ConfigError(f"elementwise_adamw param group {i}: a parameter of shape {tuple(p.shape)} has "
@@ -64,8 +75,6 @@ class ElementwiseAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad
-                if g.is_sparse:
-                    raise ConfigError("elementwise_adamw does not take sparse gradients")
                 st = self.state[p]
                 if not st:
                     shape = p.shape if group["elementwise_step"] else ()
@@ -74,6 +83,8 @@ class ElementwiseAdamW(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if st["step"].device != p.device:  # torch's load_state_dict leaves counts where they were saved
                     st["step"] = st["step"].to(p.device)
+                if group["elementwise_step"] and st["step"].dim() == 0:  # a count from torch's AdamW
+                    st["step"] = st["step"].float().expand(p.shape).clone()
                 t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
                 t.add_(1)
                 if wd:
@@ -85,8 +96,9 @@ class ElementwiseAdamW(torch.optim.Optimizer):
                     denom = (v.sqrt() / (1 - b2**n) ** 0.5).add_(eps)
                     p.addcdiv_(m, denom, value=-lr / (1 - b1**n))
                 else:
-                    bc1 = 1 - torch.pow(b1, t.double())  # (p.shape)
-                    bc2 = (1 - torch.pow(b2, t.double())).sqrt_()
+                    n = t.to(torch.float32 if t.device.type == "mps" else torch.float64)  # (p.shape)
+                    bc1 = 1 - torch.pow(b1, n)
+                    bc2 = (1 - torch.pow(b2, n)).sqrt_()
                     denom = (v.sqrt() / bc2.to(v.dtype)).add_(eps)
                     p.addcdiv_(m * (-lr / bc1).to(m.dtype), denom)
         return loss

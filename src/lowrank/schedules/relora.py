@@ -94,8 +94,10 @@ def prune_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], mo
         st = optimizer.state.get(p)
         if not st:
             continue
+        # the moments: not the step counter, a scalar under torch's optimizers but shaped like the
+        # parameter under ElementwiseAdamW (ReLoRA, as its reference, keeps the counts)
         moments = {key: v for key, v in st.items()
-                   if torch.is_tensor(v) and v.shape == p.shape and v.is_floating_point()}  # not the step counter
+                   if key != "step" and torch.is_tensor(v) and v.shape == p.shape and v.is_floating_point()}
         joint = None
         if mode == "prune-joint" and moments:
             joint = _smallest(moments.get("exp_avg_sq", next(iter(moments.values()))), ratio)
