@@ -277,3 +277,94 @@ def test_errors_share_one_hierarchy():
     for cls in (lowrank.TargetError, lowrank.UnknownNameError, lowrank.ShapeError, lowrank.AdapterLoadError,
                 lowrank.UnsafePathError, lowrank.MergeError, lowrank.AlreadyAdaptedError, lowrank.ConfigError):
         assert issubclass(cls, lowrank.LowRankError)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"dropout": "x"}, "dropout"),
+    ({"dropout": None}, "dropout"),
+    ({"modules_to_save": [5]}, "modules_to_save"),
+    ({"targets": ["q_proj"], "modules_to_save": ["q_proj"]}, "overlaps the adapted module"),
+])
+def test_bad_adapt_arguments_are_package_errors(model, kw, match):
+    snap = snapshot(model)
+    with pytest.raises(lowrank.ConfigError, match=match):
+        lowrank.adapt(model, "lora", rank=2, **kw)
+    assert_unchanged(model, snap)
+
+
+def test_a_module_saved_in_full_is_left_out_of_all_linear_and_round_trips(tmp_path):
+    """As PEFT: with targets='all-linear', modules_to_save are not also adapted, so the saved
+    adapter loads back (before, the module was both, and its own loader refused the file)."""
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, modules_to_save="model.layers.0.self_attn")
+    paths = [p for p, _ in lowrank.adapted_layers(m)]
+    assert paths and not any(p.startswith("model.layers.0.self_attn") for p in paths)
+    lowrank.save_adapter(m, tmp_path / "a")
+    fresh = tiny_llama()
+    lowrank.load_adapter(fresh, tmp_path / "a")
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, m(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("names", [None, 5, ["default", 3]])
+def test_set_active_refuses_what_is_not_a_name(model, names):
+    lowrank.adapt(model, "lora", rank=2)
+    with pytest.raises(lowrank.ConfigError, match="set_active"):
+        lowrank.set_active(model, names)
+
+
+def test_numpy_option_values_are_saved_as_numbers_and_nothing_half_written(tmp_path, monkeypatch):
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    lowrank.adapt(m, "vera", rank=4, d_initial=np.float32(0.25))
+    lowrank.save_adapter(m, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["lowrank"]["options"]["d_initial"] == 0.25
+    # an option value JSON cannot hold: refused before either file is written
+    import lowrank.core.io as io
+
+    real = io.adapter_config
+    monkeypatch.setattr(io, "adapter_config", lambda *a, **k: {**real(*a, **k), "extra": object()})
+    m2 = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    lowrank.adapt(m2, "vera", rank=4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    with pytest.raises(lowrank.ConfigError, match="adapter_config.json"):
+        lowrank.save_adapter(m2, tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+
+
+def test_saving_to_a_file_or_under_one_is_a_package_error(tmp_path):
+    m = lowrank.adapt(tiny_llama(), "lora", targets=["q_proj"], rank=2)
+    f = tmp_path / "afile"
+    f.write_text("keep")
+    for target in (f, f / "x"):
+        with pytest.raises(lowrank.ConfigError, match="cannot write the adapter"):
+            lowrank.save_adapter(m, target)
+    assert f.read_text() == "keep"
+    with pytest.raises(lowrank.AdapterLoadError, match="string or a path"):
+        lowrank.load_adapter(tiny_llama(), None)
+
+
+@pytest.mark.parametrize("key, value", [("r", "x"), ("r", None), ("r", 4.7), ("lora_alpha", "x"),
+                                        ("lora_dropout", "x"), ("modules_to_save", [5]), ("target_modules", 3)])
+def test_bad_peft_config_fields_name_the_file(saved, model, key, value):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg.pop("lowrank")
+    cfg[key] = value
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    snap = snapshot(model)
+    with pytest.raises(lowrank.AdapterLoadError, match=rf"adapter_config.json: '{key}' must be"):
+        lowrank.load_adapter(model, saved)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("key, value, match", [("format_version", "x", "format_version"),
+                                               ("method", "lorax", "unknown method 'lorax'"),
+                                               ("init", "pisa", "unknown init 'pisa'")])
+def test_bad_lowrank_section_names_the_file(saved, model, key, value, match):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg["lowrank"][key] = value
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    snap = snapshot(model)
+    with pytest.raises(lowrank.AdapterLoadError, match=rf"adapter_config.json: .*{match}"):
+        lowrank.load_adapter(model, saved)
+    assert_unchanged(model, snap)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -53,11 +54,18 @@ def adapt(
         init_obj = get_init(init)(**(init_options or {}))
     saved = []
     if modules_to_save:
-        for t in modules_to_save:
+        entries = [modules_to_save] if isinstance(modules_to_save, str) else modules_to_save
+        if not isinstance(entries, (list, tuple)) or not all(isinstance(t, str) and t for t in entries):
+            raise ConfigError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+        for t in entries:
             hits = [p for p, _ in model.named_modules() if p and (p == t or p.endswith("." + t))]
             if not hits:
                 raise TargetError(f"modules_to_save entry {t!r} matched no module")
             saved += hits
+    ok_exclude = exclude is None or isinstance(exclude, str) or (
+        isinstance(exclude, (list, tuple)) and all(isinstance(t, str) for t in exclude))
+    if saved and isinstance(targets, str) and targets == "all-linear" and ok_exclude:
+        exclude = _excluding(exclude, saved)  # as PEFT: a module saved in full is not also adapted
     planned = plan_adapters(
         model,
         method_cls,
@@ -71,12 +79,17 @@ def adapt(
         calibration=calibration,
         options=method_options,
     )
+    for p in planned:  # a module saved in full must not also carry (or sit inside) an adapted layer
+        clash = next((q for q in saved if p.path == q or p.path.startswith(q + ".") or q.startswith(p.path + ".")), None)
+        if clash is not None:
+            raise ConfigError(f"modules_to_save entry {clash!r} overlaps the adapted module {p.path!r}: "
+                              "a module is either adapted or trained and saved in full")
     # -- commit: nothing below can fail on bad input ------------------------------------------
     record = {
         "method": method,
         "rank": rank,
         "alpha": planned[0].adapter.alpha,
-        "dropout": dropout,
+        "dropout": float(dropout),
         "init": getattr(init_obj, "name", None),
         "init_options": dict(getattr(init_obj, "options", {}) or {}),
         "options": dict(method_options),
@@ -86,6 +99,17 @@ def adapt(
     _register_record(model, name, record)
     commit_adapters(model, planned, name)
     return model
+
+
+def _excluding(exclude: str | Sequence[str] | None, modules: list[str]) -> str:
+    """``exclude`` (a regex or a list of name suffixes) widened to the given module paths and
+    everything inside them, as one regex."""
+    parts = [rf"{re.escape(m)}(\..*)?" for m in modules]
+    if isinstance(exclude, str):
+        parts.insert(0, f"(?:{exclude})")
+    elif exclude:
+        parts += [rf"(.*\.)?{re.escape(t)}" for t in exclude]
+    return "|".join(parts)
 
 
 def _register_record(model: nn.Module, name: str, record: dict[str, Any]) -> None:
@@ -111,7 +135,12 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     does not matter, and merging several folds W + Σ ΔW_i.  (PEFT applies a DoRA adapter to the
     running output of the adapters before it, so stacked DoRA outputs there depend on the order.)
     """
-    wanted = [names] if isinstance(names, str) else list(names)
+    if isinstance(names, str):
+        wanted = [names]
+    elif isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        wanted = list(names)
+    else:
+        raise ConfigError(f"set_active takes an adapter name or a list of names, got {names!r}")
     known = adapter_names(model)
     for n in wanted:
         if n not in known:

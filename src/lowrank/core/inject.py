@@ -170,8 +170,8 @@ def plan_adapters(
         raise ConfigError(f"alpha must be a finite number > 0 (or None for the method's default), got {alpha!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not is_finite_real(dropout) or not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
     known = method_cls.options()
     unknown = sorted(set(options) - set(known))
     if unknown:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import AdapterLoadError, AlreadyAdaptedError, LowRankError, UnsafePathError
+from ..errors import AdapterLoadError, AlreadyAdaptedError, ConfigError, LowRankError, UnsafePathError
 from ..registry import _load_builtins, _METHODS, get_init, get_method
 from .api import adapter_record
 from .inject import adapted_layers, commit_adapters, plan_adapters
@@ -53,16 +53,17 @@ def base_delta(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return (left, right) if isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor) else None
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_temp(path: Path, write) -> str:
+    """``write`` a temporary file beside ``path`` (same directory, so a later os.replace is atomic)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return tmp
 
 
 def adapter_state(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -145,11 +146,36 @@ def save_adapter(
             if name in layer.adapters and (delta := base_delta(layer.adapters[name])) is not None:
                 tensors[f"{PREFIX}{mod_path}.{_DELTA_LEFT}"], tensors[f"{PREFIX}{mod_path}.{_DELTA_RIGHT}"] = delta
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    try:  # the config is serialised before any file is touched
+        text = json.dumps(cfg, indent=2, sort_keys=True, default=_json_number)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"adapter {name!r}: its options cannot be written to {CONFIG_NAME}: {e}") from None
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # both files are written beside their targets first, then moved in: a failure leaves the
+        # directory's previous adapter as it was
+        tmp_w = _write_temp(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        try:
+            tmp_c = _write_temp(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        except BaseException:
+            os.unlink(tmp_w)
+            raise
+        os.replace(tmp_w, out / WEIGHTS_NAME)
+        os.replace(tmp_c, out / CONFIG_NAME)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:  # a bad path, not a failing disk
+        raise ConfigError(f"cannot write the adapter to {out}: {e.strerror or e}") from None
     return out
+
+
+def _json_number(value: Any) -> Any:
+    """numpy scalars and one-element tensors (accepted as option values) as plain numbers."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    item = getattr(value, "item", None)
+    if callable(item) and type(value).__module__ == "numpy":
+        return item()
+    raise TypeError(f"{value!r} ({type(value).__name__}) is not a JSON value")
 
 
 def _converted(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -233,6 +259,8 @@ def _inside(directory: Path, name: str) -> Path:
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and check an adapter directory: its config and its tensors (safetensors only)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise AdapterLoadError(f"an adapter path must be a string or a path, got {path!r}")
     d = Path(path)
     if not d.exists():
         raise AdapterLoadError(f"adapter directory {d} does not exist")
@@ -289,6 +317,29 @@ def _check_section(r: dict[str, Any], where: str) -> None:
             raise AdapterLoadError(f"{where}: 'lowrank.{key}' must be {what}, got {r[key]!r}")
 
 
+def _check_peft_fields(cfg: dict[str, Any], where: str) -> None:
+    """The types of a PEFT config's fields that are read here, before any of them is used."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    checks = {
+        "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
+        "lora_alpha": (lambda v: number(v) and v > 0, "a number > 0"),
+        "lora_dropout": (lambda v: v is None or (number(v) and 0 <= v < 1), "a number in [0, 1)"),
+        "target_modules": (lambda v: v is None or isinstance(v, str)
+                           or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+                           "a string or a list of module names"),
+        "exclude_modules": (lambda v: v is None or isinstance(v, str)
+                            or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+                            "a string or a list of module names"),
+        "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+                            "a list of module names"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in cfg and not ok(cfg[key]):
+            raise AdapterLoadError(f"{where}: '{key}' must be {what}, got {cfg[key]!r}")
+
+
 def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Method, rank, alpha, options and targets described by a config (ours or PEFT's)."""
     if "lowrank" in cfg:
@@ -297,7 +348,10 @@ def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         missing = [k for k in need if k not in r]
         if missing:
             raise AdapterLoadError(f"{where}: 'lowrank' section lacks {', '.join(missing)}")
-        if r.get("format_version", 1) > FORMAT_VERSION:
+        version = r.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise AdapterLoadError(f"{where}: 'lowrank.format_version' must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise AdapterLoadError(f"{where}: format_version {r['format_version']} is newer than this lowrank")
         _check_section(r, where)
         return dict(r)
@@ -307,6 +361,7 @@ def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         if found is not None:
             if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
                 raise AdapterLoadError(f"{where}: per-module rank_pattern/alpha_pattern are not supported")
+            _check_peft_fields(cfg, where)
             return {
                 "method": cls.name,
                 # rank-free PEFT methods (C3A: block_size instead) have no "r"
@@ -372,14 +427,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                     f"{where}: module {t!r} is {base.out_features}x{base.in_features} in this model, "
                     f"but the adapter was made for {shape[0]}x{shape[1]}: different base model"
                 )
-    method_cls = get_method(recipe["method"])
-    init = None
-    has_delta = any(k.endswith("." + _DELTA_LEFT) for k in tensors)
-    if recipe.get("init") and not has_delta:
-        init_cls = get_init(recipe["init"])
-        # a saved adapter's factors are loaded; only inits that replaced W need re-applying to the base
-        # (files written before the base delta was saved; newer files carry it, see below)
-        init = init_cls(**recipe.get("init_options", {})) if init_cls.modifies_base else None
+    try:
+        method_cls = get_method(recipe["method"])
+        init = None
+        has_delta = any(k.endswith("." + _DELTA_LEFT) for k in tensors)
+        if recipe.get("init") and not has_delta:
+            init_cls = get_init(recipe["init"])
+            # a saved adapter's factors are loaded; only inits that replaced W need re-applying to the base
+            # (files written before the base delta was saved; newer files carry it, see below)
+            init = init_cls(**recipe.get("init_options", {})) if init_cls.modifies_base else None
+    except LowRankError as e:
+        raise AdapterLoadError(f"{where}: {e}") from None
     try:
         planned = plan_adapters(
             model,
