@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import is_finite_real
 from ..core.adapter import Adapter
 from ..core.layers import BaseLayer
 from ..errors import ConfigError, ShapeError
@@ -231,7 +232,7 @@ class Kron(Adapter):
             raise ConfigError(f"kron option factor_init={factor_init!r}: choose one of {cls.INITS}")
         if rank_selection not in RANK_SELECTIONS:
             raise ConfigError(f"kron option rank_selection={rank_selection!r}: choose one of {RANK_SELECTIONS}")
-        if isinstance(energy_threshold, bool) or not isinstance(energy_threshold, (int, float)) \
+        if not is_finite_real(energy_threshold) \
                 or not 0 < energy_threshold <= 1:
             raise ConfigError(f"kron option energy_threshold must be in (0, 1], got {energy_threshold!r}")
         if rank_selection != "fixed" and base.weight.device.type == "meta":

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import is_finite_real
 from ..core.inject import adapted_layers
 from ..core.layers import BaseLayer
 from ..errors import AdapterNotFoundError, ConfigError
@@ -71,7 +72,7 @@ class LoRI(FrozenRandomA):
     def validate(cls, base: BaseLayer, rank: int, path: str, **options: Any) -> None:
         cls.check_rank_fits(base, rank, path)
         s = options.get("sparsity", 0.9)
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+        if not is_finite_real(s) or not 0.0 <= s < 1.0:
             raise ConfigError(f"lori option sparsity must be in [0, 1), got {s!r} (module {path!r})")
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._checks import is_finite_real
 from ..core.layers import BaseLayer
 from ..errors import ConfigError
 from ..registry import register_method
@@ -97,6 +98,6 @@ class LOST(FactorizedWeight):
 
     @classmethod
     def validate(cls, base: BaseLayer, rank: int, path: str, sparsity: float = 0.05, **options: Any) -> None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+        if not is_finite_real(sparsity) or not 0.0 < float(sparsity) < 1.0:
             raise ConfigError(f"lost option 'sparsity' must be in (0, 1), got {sparsity!r} (module {path!r})")
         cls.check_rank(rank, base, path)

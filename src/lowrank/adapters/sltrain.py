@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import is_finite_real
 from ..core.layers import BaseLayer
 from ..errors import ConfigError
 from ..registry import register_method
@@ -129,7 +130,7 @@ class SLTrain(FactorizedWeight):
 
     @classmethod
     def validate(cls, base: BaseLayer, rank: int, path: str, sparsity: float = 0.03, **options: Any) -> None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+        if not is_finite_real(sparsity) or not 0.0 < float(sparsity) < 1.0:
             raise ConfigError(f"sltrain option 'sparsity' must be in (0, 1), got {sparsity!r} (module {path!r})")
         if sparse_count(base.in_features, base.out_features, sparsity) < 1:
             raise ConfigError(
