@@ -137,3 +137,25 @@ def test_minilm_is_the_real_pretrained_checkpoint():
     assert ids[0] == 101 and ids[-1] == 102  # [CLS] ... [SEP] of the shipped vocabulary
     out = m.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     assert out.logits.shape == (1, 3)
+
+
+def test_a_local_model_is_read_from_safetensors_only(tmp_path):
+    """A checkpoint directory with only pickled weights is refused before anything is unpickled;
+    the same model saved as safetensors loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank.models import load_model
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(cfg)
+    pickled, safe = tmp_path / "pickled", tmp_path / "safe"
+    cfg.save_pretrained(pickled)
+    torch.save(src.state_dict(), pickled / "pytorch_model.bin")  # written here only, never read
+    src.save_pretrained(safe)
+    assert (pickled / "pytorch_model.bin").exists() and not list(pickled.glob("*.safetensors"))
+    with pytest.raises(ConfigError, match=r"no \.safetensors weights \(only pytorch_model\.bin"):
+        load_model(str(pickled), objective="lm")
+    m = load_model(str(safe), objective="lm")
+    assert torch.equal(m.model.model.embed_tokens.weight, src.model.embed_tokens.weight)

@@ -188,7 +188,14 @@ def load_model(
             else:
                 auto = AutoModel
             if pretrained:
-                backbone = auto.from_pretrained(str(path), local_files_only=True)
+                if not any(Path(path).glob("*.safetensors")):  # nothing is ever unpickled
+                    pickled = sorted(p.name for p in Path(path).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+                    raise ConfigError(
+                        f"model directory {path} has no .safetensors weights"
+                        + (f" (only {', '.join(pickled)}: pickled files are never loaded; convert them to "
+                           "safetensors, e.g. model.save_pretrained(dir, safe_serialization=True))" if pickled else "")
+                    )
+                backbone = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
             else:
                 backbone = auto.from_config(config)
             if _has_tokenizer(path):
