@@ -212,15 +212,12 @@ pre {{ background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.8rem
 """
 
 
+#: the files :func:`write_reports` writes into the bench's --out
+REPORT_FILES = {"csv": "results.csv", "md": "results.md", "png": "loss.png", "html": "report.html", "json": "results.json"}
+
+
 def write_reports(result: BenchResult) -> dict[str, Path]:
-    out = result.out
-    files = {
-        "csv": out / "results.csv",
-        "md": out / "results.md",
-        "png": out / "loss.png",
-        "html": out / "report.html",
-        "json": out / "results.json",
-    }
+    files = {k: result.out / name for k, name in REPORT_FILES.items()}
     write_csv(result, files["csv"])
     files["md"].write_text(markdown(result), encoding="utf-8")
     plot(result, files["png"])
@@ -236,4 +233,4 @@ def write_reports(result: BenchResult) -> dict[str, Path]:
     return files
 
 
-__all__ = ["write_reports", "markdown", "table_rows", "table_columns", "fmt"]
+__all__ = ["REPORT_FILES", "write_reports", "markdown", "table_rows", "table_columns", "fmt"]

@@ -14,15 +14,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, LowRankError
+from ..errors import ConfigError, LowRankError, TrainingError, UnknownNameError
 from ..recipes import get_recipe, recipes
 from ..train import TASK_DEFAULTS, MetricsLog, TrainConfig
+from ..train.loop import check_config
 
 #: the representative default sets; names not registered (yet) are skipped with a note
 DEFAULT_METHODS = {
@@ -114,14 +116,31 @@ def _options_for(method: str, methods: list[str], options: dict[str, Any]) -> di
 
 
 def check_inputs(cfg: "BenchConfig", methods: list[str]) -> None:
-    """What can be checked before any method trains: per-method options, model, data, --out."""
+    """What can be checked before any method trains: the budget, every method's full training
+    configuration (options, rank, device, ...), model, data, --out.  Nothing is written."""
     from ..data import check_data_name
     from ..models import check_model_name
+    from .report import REPORT_FILES
 
+    for name in ("steps", "batch_size", "seq_len"):  # None: the task's budget; 0 is not
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if _per_method(cfg.method_options):
         stray = sorted(set(cfg.method_options) - set(methods))
         if stray:
             raise ConfigError(f"--method-options name {', '.join(map(repr, stray))}, not among --methods ({', '.join(methods)})")
+    for m in methods:
+        try:
+            check_config(train_config(cfg, m, methods))
+        except UnknownNameError:
+            raise
+        except LowRankError as e:  # name the method whose configuration is refused
+            try:
+                wrapped = type(e)(f"method {m!r}: {e}")
+            except Exception:
+                raise e from None
+            raise wrapped from None
     if cfg.model is not None:
         check_model_name(cfg.model)
     if cfg.data is not None:
@@ -129,11 +148,20 @@ def check_inputs(cfg: "BenchConfig", methods: list[str]) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output directory {str(out)!r} is a file")
+    parent = next((q for q in (out, *out.parents) if q.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output directory {str(out)!r} cannot be created: {str(parent)!r} is not a writable directory")
+    for name in REPORT_FILES.values():
+        if (out / name).is_dir():
+            raise ConfigError(f"{str(out / name)!r} is a directory, where the bench writes its {name} report")
+    for q in (out / "runs", *(out / "runs" / m for m in methods)):
+        if q.exists() and not q.is_dir():
+            raise ConfigError(f"{str(q)!r} is a file, where the bench writes a run directory")
 
 
 def train_config(cfg: BenchConfig, method: str, methods: list[str]) -> TrainConfig:
     budget = TASK_BUDGET[cfg.task]
-    steps = cfg.steps or budget["steps"]
+    steps = cfg.steps if cfg.steps is not None else budget["steps"]
     eval_every = cfg.eval_every if cfg.eval_every is not None else (budget["eval_every"] if cfg.steps is None else max(1, steps // 3))
     return TrainConfig(
         out=str(Path(cfg.out) / "runs" / method),
@@ -144,8 +172,8 @@ def train_config(cfg: BenchConfig, method: str, methods: list[str]) -> TrainConf
         method_options=_options_for(method, methods, cfg.method_options),
         rank=cfg.rank,
         steps=steps,
-        batch_size=cfg.batch_size or budget["batch_size"],
-        seq_len=cfg.seq_len or budget["seq_len"],
+        batch_size=cfg.batch_size if cfg.batch_size is not None else budget["batch_size"],
+        seq_len=cfg.seq_len if cfg.seq_len is not None else budget["seq_len"],
         seed=cfg.seed,
         eval_every=eval_every,
         eval_size=cfg.eval_size,
@@ -161,25 +189,26 @@ def train_config(cfg: BenchConfig, method: str, methods: list[str]) -> TrainConf
 
 
 def _run_isolated(tc: TrainConfig) -> tuple[int, str]:
-    out = Path(tc.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "train_config.json"
-    cfg_path.write_text(json.dumps(tc.to_dict(), indent=2))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowrank.bench.worker", str(cfg_path)], stderr=subprocess.PIPE, env=env
-    )
-    tail = bytearray()
-    assert proc.stderr is not None
-    while True:  # forward the child's progress bar, keep the end for error messages
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        tail += chunk
-        del tail[:-8192]
-    rc = proc.wait()
+    # the worker writes OUT/runs/METHOD/train_config.json itself, once its Trainer has set up: a
+    # method that cannot start leaves the directory of its previous run as it was
+    with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
+        cfg_path = Path(tmp) / "train_config.json"
+        cfg_path.write_text(json.dumps(tc.to_dict(), indent=2))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lowrank.bench.worker", str(cfg_path)], stderr=subprocess.PIPE, env=env
+        )
+        tail = bytearray()
+        assert proc.stderr is not None
+        while True:  # forward the child's progress bar, keep the end for error messages
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail += chunk
+            del tail[:-8192]
+        rc = proc.wait()
     return rc, tail.decode("utf-8", errors="replace")
 
 
@@ -199,7 +228,9 @@ def _run_inline(tc: TrainConfig) -> tuple[int, str, int]:
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     try:
-        Trainer(tc).fit()
+        trainer = Trainer(tc)
+        _write_train_config(trainer)
+        trainer.fit()
         rc, msg = 0, ""
     except LowRankError as e:
         rc, msg = 2, f"error: {e}"
@@ -207,6 +238,11 @@ def _run_inline(tc: TrainConfig) -> tuple[int, str, int]:
         stop.set()
         th.join()
     return rc, msg, peak[0]
+
+
+def _write_train_config(trainer: Any) -> None:
+    """OUT/runs/METHOD/train_config.json, once the method's Trainer has set up (and made the directory)."""
+    (trainer.out / "train_config.json").write_text(json.dumps(trainer.config.to_dict(), indent=2))
 
 
 def _error_line(text: str) -> str:
@@ -231,7 +267,6 @@ def run_bench(config: BenchConfig | None = None, **overrides: Any) -> BenchResul
         raise ConfigError(f"no method to run for task {cfg.task!r}")
     check_inputs(cfg, methods)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for i, m in enumerate(methods, 1):
@@ -246,6 +281,10 @@ def run_bench(config: BenchConfig | None = None, **overrides: Any) -> BenchResul
         elapsed = time.perf_counter() - tm
         rows.append(_row(m, tc, rc, tail, peak, elapsed))
     total = time.perf_counter() - t0
+    if not any(r["status"] == "ok" for r in rows):  # nothing to report: the reports of a previous bench stay
+        failures = "; ".join(f"{r['method']}: {r['status'].removeprefix('error: ')}" for r in rows)
+        raise TrainingError(f"no method ran ({failures}); the reports in {str(out)!r} were not written")
+    out.mkdir(parents=True, exist_ok=True)
     _add_gaps(rows)
     context = _context(cfg, methods, rows, total)
     result = BenchResult(out, rows, cfg, total, skipped, context)

@@ -18,9 +18,12 @@ def main(argv: list[str]) -> int:
         cfg = json.load(fh)
     from ..errors import LowRankError
     from ..train import TrainConfig, Trainer
+    from .runner import _write_train_config
 
     try:
-        Trainer(TrainConfig.from_dict(cfg)).fit()
+        trainer = Trainer(TrainConfig.from_dict(cfg))
+        _write_train_config(trainer)
+        trainer.fit()
     except LowRankError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -86,7 +86,10 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if "__ndarray__" in obj:
             return tensors[obj["__ndarray__"]].numpy()
         if "__dtype__" in obj:
-            return getattr(torch, obj["__dtype__"])
+            dtype = getattr(torch, obj["__dtype__"], None) if isinstance(obj["__dtype__"], str) else None
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {obj['__dtype__']!r}")
+            return dtype
         if "__tuple__" in obj:
             return tuple(decode(v, tensors) for v in obj["__tuple__"])
         if "__dict__" in obj:
@@ -195,12 +198,15 @@ def clean_temporaries(root: Path) -> list[Path]:
 
 def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
     """(step, model tensors, state) of one checkpoint; CheckpointError if any file is missing or corrupt."""
+    for name in ("state.json", "model.safetensors", "state.safetensors"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
     try:
         meta = json.loads((path / "state.json").read_text())
         model_tensors = load_file(str(path / "model.safetensors"))
         state_tensors = load_file(str(path / "state.safetensors"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {e.filename} is missing") from None
+    except FileNotFoundError as e:  # removed since the check above
+        raise CheckpointError(f"checkpoint {path} is incomplete: {e.filename or 'a file'} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}/state.json is not valid JSON: {e}") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -209,12 +215,19 @@ def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
         raise CheckpointError(f"checkpoint {path}/state.json lacks 'step' or 'state'")
     if not isinstance(meta["step"], int) or isinstance(meta["step"], bool) or meta["step"] < 0:
         raise CheckpointError(f"checkpoint {path}/state.json: step must be a non-negative integer, got {meta['step']!r}")
-    if meta.get("format_version", 1) > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {meta['format_version']}, newer than this lowrank")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"checkpoint {path}/state.json: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {version}, newer than this lowrank")
     try:
         state = decode(meta["state"], state_tensors)
     except KeyError as e:
         raise CheckpointError(f"checkpoint {path}: state.json refers to tensor {e} missing from state.safetensors") from None
+    except (TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {path}/state.json is corrupt: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}/state.json is corrupt: its state is a {type(state).__name__}, not a table")
     return int(meta["step"]), model_tensors, state
 
 

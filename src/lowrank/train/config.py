@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._checks import is_finite_real
 from ..errors import ConfigError
 
 TASKS = ("finetune", "pretrain")
 PATH_FIELDS = ("out", "model", "data")  # may be given as os.PathLike; kept as str
 SCHEDULES = ("cosine", "linear", "constant")
+SEED_MAX = 2**32 - 1  # the data order seeds torch generators from seed * 1_000_003 + epoch
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 #: what a task uses when --model / --data are not given
 TASK_DEFAULTS = {
@@ -60,7 +63,7 @@ class TrainConfig:
     eval_size: int | None = None  # cap on held-out examples/windows
     eval_batch_size: int = 32
     checkpoint_every: int = 100  # 0: only the final checkpoint
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0: keep every checkpoint
     resume: bool = False
     overwrite: bool = False
     text_column: str = "text"
@@ -91,10 +94,24 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if c.seq_len is not None and (not isinstance(c.seq_len, int) or c.seq_len < 2):
             raise ConfigError(f"seq_len must be an integer >= 2, got {c.seq_len!r}")
-        if c.rank is not None and (not isinstance(c.rank, int) or isinstance(c.rank, bool) or c.rank < 1):
+        if c.rank is not None and not _positive_int(c.rank):
             raise ConfigError(f"rank must be a positive integer, got {c.rank!r}")
-        if c.lr is not None and (not isinstance(c.lr, (int, float)) or c.lr < 0 or math.isnan(c.lr)):
-            raise ConfigError(f"lr must be a non-negative number, got {c.lr!r}")
+        if c.lr is not None and not (is_finite_real(c.lr) and c.lr >= 0):
+            raise ConfigError(f"lr must be a finite non-negative number, got {c.lr!r}")
+        # rank/lr given as method options are passed to the recipe as --rank/--lr are: the same checks
+        for name, top, ok, want in (("rank", c.rank, _positive_int, "a positive integer"),
+                                    ("lr", c.lr, lambda v: is_finite_real(v) and v >= 0, "a finite non-negative number")):
+            v = c.method_options.get(name)
+            if v is None:
+                continue
+            if not ok(v):
+                raise ConfigError(f"method_options {name} must be {want}, got {v!r}")
+            if top is not None and _norm_num(top) != _norm_num(v):
+                raise ConfigError(f"{name} {top!r} (--{name}) and method_options {name}={v!r} disagree: give it once")
+        if not isinstance(c.seed, int) or isinstance(c.seed, bool) or not 0 <= c.seed <= SEED_MAX:
+            raise ConfigError(f"seed must be an integer from 0 to {SEED_MAX}, got {c.seed!r}")
+        if c.threads is not None and not _positive_int(c.threads):
+            raise ConfigError(f"threads must be a positive integer, got {c.threads!r}")
         if c.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {c.lr_schedule!r}")
         if c.warmup_steps is None:
@@ -103,11 +120,11 @@ class TrainConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {c.warmup_steps}")
         if not 0.0 <= c.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}")
-        if c.grad_clip < 0:
-            raise ConfigError(f"grad_clip must be >= 0 (0 disables), got {c.grad_clip}")
+        if not (is_finite_real(c.grad_clip) and c.grad_clip >= 0):
+            raise ConfigError(f"grad_clip must be a finite number >= 0 (0 disables), got {c.grad_clip}")
         if c.eval_size is not None and c.eval_size < 1:
             raise ConfigError(f"eval_size must be a positive integer, got {c.eval_size}")
-        if c.device not in ("cpu", "cuda", "auto") and not c.device.startswith("cuda:"):
+        if not _DEVICE.match(c.device):
             raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {c.device!r}")
         if not c.out:
             raise ConfigError("out (the output directory) is required")
@@ -137,6 +154,14 @@ class TrainConfig:
     def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file; keys are the field names."""
         return cls.from_dict({**read_config_file(path), **overrides})
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _norm_num(v: Any) -> Any:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 _WHAT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table of options"}

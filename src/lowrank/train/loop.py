@@ -46,7 +46,7 @@ from ..data.datasets import TextCorpus
 from ..errors import CheckpointError, ConfigError, LowRankError, TrainingError, UnknownNameError
 from ..models import LoadedModel, load_model
 from ..recipes import Prepared, TaskInfo, get_recipe
-from .checkpoint import clean_temporaries, latest_checkpoint, write_checkpoint
+from .checkpoint import clean_temporaries, latest_checkpoint, list_checkpoints, write_checkpoint
 from .config import RESUME_FIELDS, TrainConfig
 
 
@@ -180,6 +180,70 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+# ---- checks before anything loads -------------------------------------------------------------------
+#: what a run writes into --out, and whether it is a directory
+_RUN_FILES = {"metrics.jsonl": False, "summary.json": False, "run.json": False, "checkpoints": True, "final": True}
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """``config.resolved()`` and what else can be checked before any model or data loads: the device,
+    the recipe and its option names, the optimizer.  ``lowrank bench`` runs it for every method first."""
+    c = config.resolved()
+    _check_device(c.device)
+    recipe = get_recipe(c.method)
+    if c.task not in recipe.tasks:
+        raise ConfigError(f"method {c.method!r} is a {'/'.join(recipe.tasks)} recipe; it does not apply to task {c.task!r}")
+    _check_method_options(c.method, recipe.build, c.method_options)
+    _optimizer_factory_name(c)  # an unknown --optimizer fails before anything loads
+    return c
+
+
+def _check_device(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"device {device!r} is not available: {why}; use --device cpu (or auto)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+def _check_method_options(method: str, build: Any, options: dict[str, Any]) -> None:
+    params = inspect.signature(build).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # the recipe takes any option; it checks them itself
+    named = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL} - {"model", "task"}
+    unknown = sorted(set(options) - named)
+    if unknown:
+        raise ConfigError(
+            f"method {method!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(sorted(named - {'lr', 'rank', 'total_steps', 'calibration'})) or 'none'}"
+        )
+
+
+def _optimizer_factory_name(c: TrainConfig) -> str:
+    """``--optimizer`` as a ``lowrank.optim`` factory name (or ``adamw``); UnknownNameError otherwise."""
+    name = (c.optimizer or "adamw").lower().replace("-", "_")
+    if name == "adamw":
+        return name
+    from .. import optim as lro
+
+    def is_factory(n: str) -> bool:  # optimizer factories take a model and an lr
+        f = getattr(lro, n, None)
+        if not callable(f) or isinstance(f, type) or not n[0].islower():
+            return False
+        try:
+            return "lr" in inspect.signature(f).parameters
+        except (TypeError, ValueError):
+            return False
+
+    known = [n for n in getattr(lro, "__all__", []) if is_factory(n)]
+    if name not in known:
+        raise UnknownNameError("optimizer", str(c.optimizer), ["adamw", *known])
+    return name
+
+
 # ---- the trainer ----------------------------------------------------------------------------------
 class Trainer:
     """Builds model, task and recipe from a :class:`TrainConfig`; :meth:`fit` trains."""
@@ -188,7 +252,7 @@ class Trainer:
         base = config if config is not None else TrainConfig()
         if overrides:
             base = dataclasses.replace(base, **overrides)
-        self.config = c = base.resolved()
+        self.config = c = check_config(base)  # everything checkable before anything loads
         self.out = Path(c.out)
         t0 = time.perf_counter()
         if c.threads:
@@ -196,11 +260,6 @@ class Trainer:
         self.device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if c.device == "auto" else c.device))
         self.recipe = get_recipe(c.method)
-        if c.task not in self.recipe.tasks:
-            raise ConfigError(
-                f"method {c.method!r} is a {'/'.join(self.recipe.tasks)} recipe; it does not apply to task {c.task!r}"
-            )
-        self._optimizer_factory_name()  # an unknown --optimizer fails before anything loads
         existing = self._check_out_dir()  # the directory is touched only once everything below has loaded
         # -- data and model ----------------------------------------------------------------------
         seed_everything(c.seed)
@@ -251,6 +310,21 @@ class Trainer:
             )
         if c.resume and c.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        for name, want_dir in _RUN_FILES.items():  # what a run writes must be writable as what it is
+            q = out / name
+            if q.exists() and q.is_dir() != want_dir and not (c.overwrite and name in existing):
+                raise ConfigError(
+                    f"{str(q)!r} is a {'directory' if q.is_dir() else 'file'}, where the run writes its "
+                    f"{name} {'directory' if want_dir else 'file'}; move it away or choose another --out"
+                )
+        if c.resume and not list_checkpoints(self.checkpoint_dir):
+            finished = [p for p in ("final", "summary.json") if p in existing]
+            if finished:
+                raise CheckpointError(
+                    f"cannot resume the run in {str(out)!r}: it has no checkpoint to resume from (it ran with "
+                    f"checkpoint_every 0?) but holds a finished run ({', '.join(finished)}) that training from "
+                    "step 0 would replace; pass --overwrite to replace it, or choose another --out"
+                )
         parent = next((q for q in (out, *out.parents) if q.exists()), None)
         if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"output directory {str(out)!r} cannot be created: {str(parent)!r} is not writable")
@@ -271,16 +345,8 @@ class Trainer:
         c = self.config
         build = self.recipe.build
         params = inspect.signature(build).parameters
-        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        named = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL} - {"model", "task"}
         opts = dict(c.method_options)
-        if not var_kw:
-            unknown = sorted(set(opts) - named)
-            if unknown:
-                raise ConfigError(
-                    f"method {c.method!r} has no option {', '.join(map(repr, unknown))}; "
-                    f"its options are: {', '.join(sorted(named - {'lr', 'rank', 'total_steps', 'calibration'})) or 'none'}"
-                )
+        _check_method_options(c.method, build, opts)
 
         def required(name: str) -> bool:
             return name in params and params[name].default is inspect.Parameter.empty
@@ -304,6 +370,11 @@ class Trainer:
             except Exception:
                 raise e from None
             raise wrapped from None
+        except (TypeError, ValueError) as e:
+            if not c.method_options:
+                raise
+            # a value torch (or the recipe) refused, e.g. weight_decay=abc or eps=-1
+            raise ConfigError(f"method {c.method!r}: method_options {c.method_options!r} are refused: {e}") from None
         if not isinstance(prepared, Prepared):
             raise ConfigError(f"recipe {c.method!r} returned {type(prepared).__name__}, not a Prepared")
         if c.optimizer and c.optimizer.lower() != "adamw" or (c.optimizer and c.optimizer_options):
@@ -322,29 +393,15 @@ class Trainer:
                 raise ConfigError(f"optimizer adamw: {e} (optimizer_options {c.optimizer_options!r})") from None
         from .. import optim as lro
 
-        return getattr(lro, name)(prepared.model, lr=lr, **c.optimizer_options)
+        try:
+            return getattr(lro, name)(prepared.model, lr=lr, **c.optimizer_options)
+        except LowRankError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"optimizer {name}: {e} (optimizer_options {c.optimizer_options!r})") from None
 
     def _optimizer_factory_name(self) -> str:
-        """``--optimizer`` as a ``lowrank.optim`` factory name (or ``adamw``); UnknownNameError otherwise."""
-        c = self.config
-        name = (c.optimizer or "adamw").lower().replace("-", "_")
-        if name == "adamw":
-            return name
-        from .. import optim as lro
-
-        def is_factory(n: str) -> bool:  # optimizer factories take a model and an lr
-            f = getattr(lro, n, None)
-            if not callable(f) or isinstance(f, type) or not n[0].islower():
-                return False
-            try:
-                return "lr" in inspect.signature(f).parameters
-            except (TypeError, ValueError):
-                return False
-
-        known = [n for n in getattr(lro, "__all__", []) if is_factory(n)]
-        if name not in known:
-            raise UnknownNameError("optimizer", str(c.optimizer), ["adamw", *known])
-        return name
+        return _optimizer_factory_name(self.config)
 
     def _scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         c = self.config
@@ -400,6 +457,8 @@ class Trainer:
         for s in skipped:
             print(f"lowrank: skipping a checkpoint that does not read back: {s}", file=sys.stderr)
         saved = state.get("config", {})
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {path}/state.json is corrupt: its config is not a table")
         now = {k: getattr(self.config, k) for k in RESUME_FIELDS}
         diff = [k for k in RESUME_FIELDS if k in saved and _norm(saved[k]) != _norm(now[k])]
         if diff:
@@ -656,4 +715,4 @@ def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     return Trainer(config, **overrides).fit()
 
 
-__all__ = ["Trainer", "TrainResult", "train", "seed_everything", "optimizer_state_bytes", "peak_rss_bytes", "MetricsLog"]
+__all__ = ["Trainer", "TrainResult", "train", "check_config", "seed_everything", "optimizer_state_bytes", "peak_rss_bytes", "MetricsLog"]
