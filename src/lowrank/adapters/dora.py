@@ -38,8 +38,13 @@ class _DoRALinear(torch.autograd.Function):
     def backward(ctx, g):  # g: (T, out)
         xa, h, z, weight, A, B, mag, norm = ctx.saved_tensors
         s = ctx.s
-        gm = (g * z).sum(0).div_(norm) if ctx.needs_input_grad[6] else None  # (out,)
-        gz = g * mag  # (T, out)
+        gm = None
+        if ctx.needs_input_grad[6]:
+            gz = torch.mul(g, z)  # (T, out)  g ⊙ z, in the buffer that then holds gz
+            gm = gz.sum(0).div_(norm)  # (out,)
+            torch.mul(g, mag, out=gz)  # one (T, out) allocation instead of two
+        else:
+            gz = g * mag  # (T, out)
         gh = (gz @ B).mul_(s)  # (T, r)
         gx = gxa = None
         if ctx.needs_input_grad[0]:
