@@ -196,3 +196,20 @@ def test_cli_prints_error_and_exits_2_without_traceback(tmp_path):
         assert proc.stderr.startswith("error: ") and "threads must be a positive integer" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_while_the_package_imports_exits_quietly():
+    """SIGINT during `import lowrank` (torch, transformers: over a second) ends with status 130
+    and no traceback (the console entry point lives outside the package for this)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "from lowrank_launch import main; main()", "methods"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the interpreter is up and importing torch
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err
