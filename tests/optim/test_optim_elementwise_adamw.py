@@ -149,3 +149,28 @@ def test_a_sparse_gradient_is_refused_before_any_parameter_moves():
     with pytest.raises(ConfigError, match="sparse"):
         opt.step()
     assert torch.equal(a, before) and not opt.state
+
+
+@pytest.mark.parametrize("dims, shape", [((0,), (4, 1)), ((1,), (1, 6)), ((-1,), (1, 6))])
+def test_counts_per_row_or_column_match_per_element_counts(dims, shape):
+    """elementwise_step=(0,) keeps one count per row (a (rows, 1) tensor): resetting whole rows, it
+    computes exactly what per-element counts compute."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    q = torch.nn.Parameter(p.detach().clone())
+    full = ElementwiseAdamW([p], lr=0.1)
+    compact = ElementwiseAdamW([q], lr=0.1, elementwise_step=dims)
+    gs = _grads(8, (4, 6))
+    axis = dims[0] % 2
+    for k, g in enumerate(gs):
+        p.grad, q.grad = g.clone(), g.clone()
+        full.step()
+        compact.step()
+        if k == 3:  # restart slice 1 along the counted dimension, in both
+            for opt, t in ((full, p), (compact, q)):
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    opt.state[t][key].index_fill_(axis, torch.tensor([1]), 0)
+    assert torch.equal(p, q)
+    assert tuple(compact.state[q]["step"].shape) == shape
+    with pytest.raises(ConfigError, match="elementwise_step"):
+        ElementwiseAdamW([torch.nn.Parameter(torch.randn(3))], elementwise_step=(1,))

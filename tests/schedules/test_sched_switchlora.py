@@ -194,5 +194,17 @@ def test_switchlora_recipe_gives_the_factors_elementwise_counts():
     flags = {id(p): g["elementwise_step"] for g in opt.param_groups for p in g["params"]}
     for _, layer in lowrank.adapted_layers(model):
         a = layer.adapters["default"]
-        assert flags[id(a.A)] and flags[id(a.B)]
-    assert not flags[id(model.model.embed_tokens.weight)]
+        assert flags[id(a.A)] == (0,) and flags[id(a.B)] == (1,)  # one count per row of A, per column of B
+    assert flags[id(model.model.embed_tokens.weight)] is False
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    a = next(iter(lowrank.adapted_layers(model)))[1].adapters["default"]
+    assert opt.state[a.A]["step"].shape == (4, 1) and opt.state[a.B]["step"].shape == (1, 4)
+    # a switch restarts the counterpart's counts: row i of A switched -> column i of B restarts
+    sched = prepared.callbacks[0]
+    path, layer = next(iter(lowrank.adapted_layers(model)))
+    assert sched.switch(layer, a, sched.layers[path], opt, "A", 1) == 1
+    i = int(sched.layers[path].frozen_B.nonzero()[0])
+    assert opt.state[a.B]["step"][0, i] == 0 and opt.state[a.B]["step"].sum() == 3
+    assert opt.state[a.B]["exp_avg"][:, i].abs().sum() == 0

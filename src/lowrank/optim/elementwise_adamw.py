@@ -10,8 +10,11 @@ float32 tensor shaped like the parameter, and the update of element k is
     p ← p (1 − lr λ) − lr · (m / (1 − β₁^t_k)) / (√(v / (1 − β₂^t_k)) + ε)
 
 which is AdamW exactly while no count is reset.  A schedule restarts elements by zeroing their
-entries of ``exp_avg``, ``exp_avg_sq`` and ``step``.  Groups without the flag keep torch's scalar
-step (no memory for counts).  As in SwitchLoRA's reference optimizer (``StepAdamW``).
+entries of ``exp_avg``, ``exp_avg_sq`` and ``step``.  As SwitchLoRA's reference optimizer
+(``StepAdamW``), which keeps a count for every element.  Where whole rows or columns restart
+together, ``elementwise_step`` may instead name the dimensions the counts vary along: ``(0,)`` keeps
+one count per row (a (rows, 1) tensor, broadcast), ``(1,)`` one per column, so the counts cost
+almost no memory.  Groups with ``elementwise_step=False`` keep torch's scalar step.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from .transforms import check_betas, check_positive
 
 
 class ElementwiseAdamW(torch.optim.Optimizer):
-    """AdamW whose groups may keep one step count per element (``elementwise_step=True``)."""
+    """AdamW whose groups may keep one step count per element (``elementwise_step=True``) or per
+    slice along some dimensions (``elementwise_step=(0,)``: per row)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, elementwise_step: bool = True):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, elementwise_step: bool | tuple[int, ...] = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, elementwise_step=elementwise_step)
         super().__init__(params, defaults)
         for i, g in enumerate(self.param_groups):
@@ -50,8 +54,26 @@ class ElementwiseAdamW(torch.optim.Optimizer):
         check_positive(where, "eps", group["eps"], allow_zero=True)
         check_positive(where, "weight_decay", group["weight_decay"], allow_zero=True)
         group["betas"] = check_betas(where, group["betas"])
-        if not isinstance(group["elementwise_step"], bool):
-            raise ConfigError(f"{where}: elementwise_step must be True or False, got {group['elementwise_step']!r}")
+        spec = group["elementwise_step"]
+        if isinstance(spec, list):  # a state dict read back from JSON
+            spec = group["elementwise_step"] = tuple(spec)
+        ok = isinstance(spec, bool) or (isinstance(spec, tuple) and all(
+            isinstance(d, int) and not isinstance(d, bool) and all(-p.dim() <= d < p.dim() for p in group["params"])
+            for d in spec))
+        if not ok:
+            raise ConfigError(f"{where}: elementwise_step must be True, False or a tuple of dimensions of its "
+                              f"parameters, got {spec!r}")
+
+    @staticmethod
+    def count_shape(p: torch.Tensor, spec: bool | tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of ``p``'s step counts: () (one), p's shape (one per element), or p's sizes
+        along the dimensions in ``spec`` and 1 elsewhere."""
+        if spec is False:
+            return ()
+        if spec is True:
+            return tuple(p.shape)
+        dims = {d % p.dim() for d in spec}
+        return tuple(n if d in dims else 1 for d, n in enumerate(p.shape))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,10 +87,11 @@ class ElementwiseAdamW(torch.optim.Optimizer):
                 if p.grad is not None and p.grad.is_sparse:
                     raise ConfigError(f"elementwise_adamw param group {i}: sparse gradients are not supported")
                 t = self.state.get(p, {}).get("step")
-                if t is not None and (not torch.is_tensor(t) or t.shape not in (p.shape, torch.Size())):
+                want = self.count_shape(p, group["elementwise_step"])
+                if t is not None and (not torch.is_tensor(t) or tuple(t.shape) not in (want, ())):
                     raise ConfigError(f"elementwise_adamw param group {i}: a parameter of shape {tuple(p.shape)} has "
-                                      f"a step count of shape {tuple(getattr(t, 'shape', ()))} (a state from "
-                                      "another optimizer or model?)")
+                                      f"a step count of shape {tuple(getattr(t, 'shape', ()))}, not {want} (a state "
+                                      "from another optimizer or model?)")
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -76,15 +99,15 @@ class ElementwiseAdamW(torch.optim.Optimizer):
                     continue
                 g = p.grad
                 st = self.state[p]
+                shape = self.count_shape(p, group["elementwise_step"])
                 if not st:
-                    shape = p.shape if group["elementwise_step"] else ()
                     st["step"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if st["step"].device != p.device:  # torch's load_state_dict leaves counts where they were saved
                     st["step"] = st["step"].to(p.device)
-                if group["elementwise_step"] and st["step"].dim() == 0:  # a count from torch's AdamW
-                    st["step"] = st["step"].float().expand(p.shape).clone()
+                if shape and st["step"].dim() == 0:  # a count from torch's AdamW
+                    st["step"] = st["step"].float().expand(shape).clone()
                 t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
                 t.add_(1)
                 if wd:
@@ -96,7 +119,7 @@ class ElementwiseAdamW(torch.optim.Optimizer):
                     denom = (v.sqrt() / (1 - b2**n) ** 0.5).add_(eps)
                     p.addcdiv_(m, denom, value=-lr / (1 - b1**n))
                 else:
-                    n = t.to(torch.float32 if t.device.type == "mps" else torch.float64)  # (p.shape)
+                    n = t.to(torch.float32 if t.device.type == "mps" else torch.float64)  # broadcasts to p
                     bc1 = 1 - torch.pow(b1, n)
                     bc2 = (1 - torch.pow(b2, n)).sqrt_()
                     denom = (v.sqrt() / bc2.to(v.dtype)).add_(eps)

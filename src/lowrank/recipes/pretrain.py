@@ -161,11 +161,14 @@ def switchlora_recipe(model, task, *, lr: float = 1e-3, rank: int = 32, total_st
     sched = SwitchLoRA(total_steps=total_steps, interval=interval, descent_rate=descent_rate, freeze_steps=freeze_steps)
     adapt(model, "lora", rank=rank, alpha=1.0)  # the reference's lora_alpha = 1 (s = 1/r), which its init bounds assume
     _train_outside_adapters(model)
-    # as the reference: the factors keep a step count per element, restarted with their moments at a switch
-    factors = {id(t) for _, _, a in factor_adapters(model, "default") for t in (a.A, a.B)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in factors], "elementwise_step": True},
-              {"params": [p for p in params if id(p) not in factors], "elementwise_step": False}]
+    # as the reference, a factor vector's step count restarts with its moments at a switch: one count
+    # per row of A and per column of B (the reference keeps one per element, to the same effect)
+    found = factor_adapters(model, "default")
+    rows, cols = [a.A for _, _, a in found], [a.B for _, _, a in found]
+    factors = {id(t) for t in rows + cols}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in factors]
+    groups = [{"params": rows, "elementwise_step": (0,)}, {"params": cols, "elementwise_step": (1,)},
+              {"params": rest, "elementwise_step": False}]
     opt = ElementwiseAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     return Prepared(model, opt, save_pretrained, _attach([sched], model, opt), {"method": "switchlora", "rank": rank})
 

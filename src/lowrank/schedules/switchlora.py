@@ -35,8 +35,8 @@ is drawn at random among those not in use whose vector and counterpart are both 
 Adam's step count: the reference's recipe (``--zero_switch_state --zero_switch_step_state``)
 also restarts the counterpart's bias correction, with an AdamW that keeps one step count per
 element.  Here that is :class:`lowrank.optim.ElementwiseAdamW` (the ``switchlora`` recipe's
-optimizer for the factors): its ``step`` entries have the factor's shape and are zeroed with the
-moments.  Under torch's AdamW (one count per tensor) only the moments restart, so the first
+optimizer for the factors, with one count per row of A and per column of B, the granularity at
+which vectors switch): the counts are zeroed with the moments.  Under torch's AdamW (one count per tensor) only the moments restart, so the first
 update after a freeze is about (1 − β₁)/√(1 − β₂) ≈ 3.2x larger than the reference's.
 """
 
@@ -207,12 +207,11 @@ class SwitchLoRA(Schedule):
         frozen_other = st.frozen_B if which == "A" else st.frozen_A
         frozen_other[vec] = self.freeze_steps
         state = optimizer.state.get(counterpart, {})
+        axis = 1 if which == "A" else 0  # the counterpart's columns (B) or rows (A)
         for key, v in state.items():
-            if torch.is_tensor(v) and v.shape == counterpart.shape:
-                if which == "A":
-                    v[:, vec] = 0
-                else:
-                    v[vec] = 0
+            # its moments, and ElementwiseAdamW's step counts (full-size, or one per column/row)
+            if torch.is_tensor(v) and v.dim() == counterpart.dim() and v.shape[axis] == counterpart.shape[axis]:
+                v.index_fill_(axis, vec.to(v.device), 0)
         return n
 
     def on_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
