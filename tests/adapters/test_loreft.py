@@ -125,3 +125,28 @@ def test_share_weights_is_checked_and_save_load_round_trips(tmp_path):
     lowrank.load_adapter(fresh, tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=IDS).logits, m(input_ids=IDS).logits, atol=1e-6, rtol=0)
+
+
+def test_R_survives_weight_decay_and_starts_as_torchs_orthogonal():
+    """AdamW's default weight decay shrinks the Householder map's raw diagonal (its reflector signs);
+    torch's orthogonal() reads it with int(), so R became all zeros after one step.  Here R stays
+    orthonormal, and at init equals what torch's orthogonal() (pyreft's R) gives."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    from lowrank.adapters.loreft import _orthonormal_rows
+
+    m = _adapted()
+    m.train()
+    a = next(iter(lowrank.adapted_layers(m)))[1].adapters["default"]
+    opt = torch.optim.AdamW([p for _, p in lowrank.trainable_parameters(m)], lr=1e-2, weight_decay=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        m(input_ids=IDS, labels=IDS).loss.backward()
+        opt.step()
+    R = a.R.detach()
+    torch.testing.assert_close(R @ R.T, torch.eye(4), atol=1e-5, rtol=0)
+    torch.manual_seed(1)
+    ref = orthogonal(torch.nn.Linear(32, 4, bias=False))
+    torch.manual_seed(1)
+    ours = _orthonormal_rows(torch.nn.Linear(32, 4, bias=False))
+    assert torch.equal(ref.weight, ours.weight) and ref.state_dict().keys() == ours.state_dict().keys()

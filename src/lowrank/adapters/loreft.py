@@ -6,9 +6,13 @@ subspace spanned by the orthonormal rows of R:
 
     Φ(h) = h + Rᵀ (W h + b − R h),      R ∈ R^{r×d} with R Rᵀ = I,  W ∈ R^{r×d},  b ∈ R^r
 
-R is kept orthonormal by ``torch.nn.utils.parametrizations.orthogonal`` (so it stays on the
-Stiefel manifold through any optimizer step); W, b are a Linear layer with PyTorch's default
-init, as in the reference (pyreft), so the intervention is not the identity at init.
+R is kept orthonormal by torch's Householder parametrization, as ``torch.nn.utils.
+parametrizations.orthogonal`` builds it for pyreft (so it stays on the Stiefel manifold through
+any optimizer step), with one change: the raw matrix's diagonal, which only carries each
+reflector's sign and gets no gradient, is read with sign() where torch reads it with int().
+Decoupled weight decay (AdamW's default 0.01) shrinks that diagonal to 0.99..., which int()
+turns into 0, and R became all zeros after one step.  W, b are a Linear layer with PyTorch's
+default init, as in the reference (pyreft), so the intervention is not the identity at init.
 
 Where: the adapter wraps the targeted module and edits its output (``layer_types`` admits any
 module: target decoder blocks with e.g. ``targets=r"model\\.layers\\.(3|7)"``).  Which positions:
@@ -39,12 +43,38 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _Orthogonal, _OrthMaps
 
 from ..core.adapter import Adapter
 from ..core.layers import BaseLayer
 from ..errors import ConfigError, MergeError, ShapeError
 from ..registry import register_method
+
+
+class _Householder(_Orthogonal):
+    """torch's Householder map to matrices with orthonormal columns (rows, once transposed), the
+    reflectors' signs read with sign() instead of int() (see the module docstring)."""
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        transposed = X.size(-2) < X.size(-1)
+        if transposed:
+            X = X.mT  # (d, r): tall
+        A = X.tril(diagonal=-1)  # the reflectors
+        tau = 2.0 / (1.0 + (A * A).sum(dim=-2))
+        Q = torch.linalg.householder_product(A, tau)  # (d, r), orthonormal columns
+        Q = Q * X.diagonal(dim1=-2, dim2=-1).detach().sign().unsqueeze(-2)
+        if getattr(self, "base", None) is not None:
+            Q = self.base @ Q  # the trivialization: steps are taken around the initial R
+        return Q.mT if transposed else Q
+
+
+def _orthonormal_rows(linear: nn.Linear) -> nn.Linear:
+    """``linear.weight`` parametrized to have orthonormal rows (torch's orthogonal(), Householder)."""
+    parametrize.register_parametrization(
+        linear, "weight", _Householder(linear.weight, _OrthMaps.householder, use_trivialization=True), unsafe=True
+    )
+    return linear
 
 
 @register_method
@@ -77,10 +107,10 @@ class LoReFT(Adapter):
         d = self.out_features
         self.first_n, self.last_n = int(first_n), int(last_n)
         self.share_weights = bool(share_weights)
-        self.rotate_layer = orthogonal(nn.Linear(d, rank, bias=False))  # R (r, d), orthonormal rows
+        self.rotate_layer = _orthonormal_rows(nn.Linear(d, rank, bias=False))  # R (r, d), orthonormal rows
         self.learned_source = nn.Linear(d, rank)  # W (r, d), b (r)
         if self._two_interventions(first_n, last_n, share_weights):  # R', W', b' for the last positions
-            self.rotate_layer_suffix = orthogonal(nn.Linear(d, rank, bias=False))
+            self.rotate_layer_suffix = _orthonormal_rows(nn.Linear(d, rank, bias=False))
             self.learned_source_suffix = nn.Linear(d, rank)
 
     @staticmethod
