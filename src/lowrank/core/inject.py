@@ -49,6 +49,39 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield path, mod
 
 
+def logical_paths(model: nn.Module) -> dict[str, str]:
+    """Each module's path in the model as it is -> its path in the plain model (the wrappers'
+    ``base_layer`` hops left out; adapters' own modules are not listed).  They differ only inside
+    a wrapped container (a block edited by LoReFT that holds adapted layers)."""
+    out: dict[str, str] = {}
+
+    def walk(m: nn.Module, actual: str, logical: str) -> None:
+        out[actual] = logical
+        for name, child in m._modules.items():
+            if child is None:
+                continue
+            a = f"{actual}.{name}" if actual else name
+            if isinstance(m, AdaptedLayer):
+                if name == "base_layer":
+                    walk(child, a, logical)
+                continue
+            walk(child, a, f"{logical}.{name}" if logical else name)
+
+    walk(model, "", "")
+    return out
+
+
+def _inside_wrapped_blocks(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """(plain path, path of the wrapped block, module) of modules inside a wrapped container:
+    not addressable by targets (see :func:`resolve_targets`)."""
+    logical = logical_paths(model)
+    for path, mod in model.named_modules():
+        if isinstance(mod, AdaptedLayer) and any(True for _ in mod.base_layer.children()):
+            for sub, inner in mod.base_layer.named_modules():
+                if sub and ".adapters." not in f".{sub}." and not isinstance(inner, AdaptedLayer):
+                    yield logical[f"{path}.base_layer.{sub}"], path, inner
+
+
 def _output_head_paths(model: nn.Module) -> set[str]:
     """Modules that project onto the vocabulary (or share the input embedding's weight)."""
     heads: set[str] = set()
@@ -120,6 +153,19 @@ def resolve_targets(
                 chosen.append((path, mod))
     if exclude is not None:
         chosen = [(p, m) for p, m in chosen if not _matches(p, exclude)]
+    # layers inside a block whose whole output an adapter already edits (LoReFT) cannot take adapters
+    # now: refuse, rather than adapt the rest and silently leave them out
+    for path, block, inner in _inside_wrapped_blocks(model):
+        if isinstance(inner, AdaptedLayer) or not isinstance(inner, layer_types):
+            continue
+        wanted = (path not in _output_head_paths(model)) if targets == "all-linear" else _matches(path, targets)
+        if wanted and not (exclude is not None and _matches(path, exclude)):
+            names = ", ".join(model.get_submodule(block).adapters)
+            raise TargetError(
+                f"module {path!r} sits inside {block!r}, whose output adapter(s) {names} already edit; layers "
+                "inside an adapted block cannot take adapters afterwards: adapt them first, then the block "
+                f"(or exclude them)"
+            )
     if not chosen:
         names = [p for p, _ in candidates]
         wanted = [targets] if isinstance(targets, str) else list(targets)

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import AdapterLoadError, AlreadyAdaptedError, ConfigError, LowRankError, UnsafePathError
 from ..registry import _load_builtins, _METHODS, get_init, get_method
 from .api import adapter_record
-from .inject import adapted_layers, commit_adapters, plan_adapters
+from .inject import adapted_layers, commit_adapters, logical_paths, plan_adapters
 from .layers import AdaptedLayer, Conv1D
 
 CONFIG_NAME = "adapter_config.json"
@@ -66,11 +66,19 @@ def _write_temp(path: Path, write) -> str:
     return tmp
 
 
+def _plain_layers(model: nn.Module):
+    """(path in the plain model, layer) of every adapted layer: files name modules as the plain
+    model does, also for layers inside a block that another adapter wraps (LoReFT)."""
+    logical = logical_paths(model)
+    for path, layer in adapted_layers(model):
+        yield logical.get(path, path), layer
+
+
 def adapter_state(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of adapter ``name`` under their file keys."""
     rec = adapter_record(model, name)
     state: dict[str, torch.Tensor] = {}
-    for path, layer in adapted_layers(model):
+    for path, layer in _plain_layers(model):
         if name in layer.adapters:
             for k, v in layer.adapters[name].adapter_state_dict().items():
                 state[f"{PREFIX}{path}.{k}"] = v
@@ -85,7 +93,7 @@ def adapter_config(model: nn.Module, name: str = "default", record: dict[str, An
     cls = get_method(rec["method"])
     shapes = {}
     transposed = False
-    for path, layer in adapted_layers(model):
+    for path, layer in _plain_layers(model):
         if name in layer.adapters:
             b = layer.base
             shapes[path] = [b.out_features, b.in_features]
@@ -142,7 +150,7 @@ def save_adapter(
     else:
         cfg = adapter_config(model, name)
         tensors = dict(adapter_state(model, name))
-        for mod_path, layer in adapted_layers(model):
+        for mod_path, layer in _plain_layers(model):
             if name in layer.adapters and (delta := base_delta(layer.adapters[name])) is not None:
                 tensors[f"{PREFIX}{mod_path}.{_DELTA_LEFT}"], tensors[f"{PREFIX}{mod_path}.{_DELTA_RIGHT}"] = delta
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -185,7 +193,7 @@ def _converted(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, t
 
     rec = dict(adapter_record(model, name))
     cls = get_method(rec["method"])
-    layers = [(p, layer) for p, layer in adapted_layers(model) if name in layer.adapters]
+    layers = [(p, layer) for p, layer in _plain_layers(model) if name in layer.adapters]
     deltas = {p: base_delta(layer.adapters[name]) for p, layer in layers}
     if all(d is None for d in deltas.values()):  # the init left W alone: the adapter already is a plain one
         rec.update(init=None, init_options={})
@@ -409,7 +417,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     targets = recipe["targets"]
     modules = dict(model.named_modules())
     if isinstance(targets, list) and "lowrank" in cfg:
+        wrapped = set(logical_paths(model).values()) - set(modules)  # inside a block another adapter wraps
         for t in targets:
+            if t in wrapped:
+                raise AdapterLoadError(
+                    f"{where}: module {t!r} sits inside a block that already carries an adapter editing its whole "
+                    "output (LoReFT); load this adapter first, then add the block's"
+                )
             if t not in modules:
                 raise AdapterLoadError(f"{where}: module {t!r} of the adapter does not exist in this model")
         shapes = recipe.get("shapes", {})

@@ -96,9 +96,17 @@ def _shareable(adapter: "Adapter") -> bool:
 def _output_width(module: nn.Module) -> int:
     """Hidden width of a weightless block: the output width of its last Linear/Conv1D sublayer."""
     width = None
-    for sub in module.modules():
-        if isinstance(sub, LINEAR_TYPES):
-            width = BaseLayer(sub).out_features
+
+    def walk(m: nn.Module) -> None:
+        nonlocal width
+        if isinstance(m, AdaptedLayer):  # an adapted sublayer: its base layer, not the adapters' own Linears
+            m = m.base_layer
+        if isinstance(m, LINEAR_TYPES):
+            width = BaseLayer(m).out_features
+        for child in m.children():
+            walk(child)
+
+    walk(module)
     if width is None:
         from ..errors import UnsupportedLayerError
 
