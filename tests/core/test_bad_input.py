@@ -283,7 +283,7 @@ def test_errors_share_one_hierarchy():
     ({"dropout": "x"}, "dropout"),
     ({"dropout": None}, "dropout"),
     ({"modules_to_save": [5]}, "modules_to_save"),
-    ({"targets": ["q_proj"], "modules_to_save": ["q_proj"]}, "overlaps the adapted module"),
+    ({"targets": ["q_proj"], "modules_to_save": ["q_proj"]}, "overlaps .* adapted by default"),
 ])
 def test_bad_adapt_arguments_are_package_errors(model, kw, match):
     snap = snapshot(model)
@@ -368,3 +368,23 @@ def test_bad_lowrank_section_names_the_file(saved, model, key, value, match):
     with pytest.raises(lowrank.AdapterLoadError, match=rf"adapter_config.json: .*{match}"):
         lowrank.load_adapter(model, saved)
     assert_unchanged(model, snap)
+
+
+def test_a_module_saved_in_full_belongs_to_one_adapter(model):
+    """The model holds one copy of a module saved in full: a second adapter may neither save it too
+    nor adapt it, and may not save a module another adapter adapted; under all-linear such modules
+    are simply left out."""
+    lowrank.adapt(model, "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=["model.layers.0.self_attn.o_proj"])
+    snap = snapshot(model)
+    cases = [
+        dict(targets=["v_proj"], modules_to_save=["model.layers.0.self_attn.o_proj"]),  # saved twice
+        dict(targets=["o_proj"]),  # adapts a's saved module
+        dict(targets=["v_proj"], modules_to_save=["model.layers.1.self_attn.q_proj"]),  # saves a's adapted layer
+    ]
+    for kw in cases:
+        with pytest.raises(lowrank.ConfigError, match="overlaps"):
+            lowrank.adapt(model, "lora", rank=2, name="b", **kw)
+        assert_unchanged(model, snap)
+    lowrank.adapt(model, "lora", rank=2, name="b")  # all-linear: a's q_proj layers get b too, o_proj of layer 0 not
+    paths = {p for p, layer in lowrank.adapted_layers(model) if "b" in layer.adapters}
+    assert "model.layers.0.self_attn.o_proj" not in paths and "model.layers.1.self_attn.o_proj" in paths

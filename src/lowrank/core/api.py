@@ -64,8 +64,10 @@ def adapt(
             saved += hits
     ok_exclude = exclude is None or isinstance(exclude, str) or (
         isinstance(exclude, (list, tuple)) and all(isinstance(t, str) for t in exclude))
-    if saved and isinstance(targets, str) and targets == "all-linear" and ok_exclude:
-        exclude = _excluding(exclude, saved)  # as PEFT: a module saved in full is not also adapted
+    held = [q for other, paths in getattr(model, "_lowrank_modules_to_save", {}).items() if other != name
+            for q in paths]  # modules other adapters save in full
+    if (saved or held) and isinstance(targets, str) and targets == "all-linear" and ok_exclude:
+        exclude = _excluding(exclude, saved + held)  # as PEFT: a module saved in full is not also adapted
     planned = plan_adapters(
         model,
         method_cls,
@@ -79,11 +81,30 @@ def adapt(
         calibration=calibration,
         options=method_options,
     )
-    for p in planned:  # a module saved in full must not also carry (or sit inside) an adapted layer
-        clash = next((q for q in saved if p.path == q or p.path.startswith(q + ".") or q.startswith(p.path + ".")), None)
-        if clash is not None:
-            raise ConfigError(f"modules_to_save entry {clash!r} overlaps the adapted module {p.path!r}: "
+    def overlap(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    # a module saved in full must not also carry (or sit inside) an adapted layer, of this adapter or
+    # another; and it has one copy in the model, so two adapters cannot each save their own
+    adapted = {path: list(layer.adapters) for path, layer in adapted_layers(model)}
+    adapted.update({p.path: [name] for p in planned})
+    for q in saved:
+        hit = next((path for path in adapted if overlap(path, q)), None)
+        if hit is not None:
+            raise ConfigError(f"modules_to_save entry {q!r} overlaps {hit!r}, adapted by {', '.join(adapted[hit])}: "
                               "a module is either adapted or trained and saved in full")
+    others = getattr(model, "_lowrank_modules_to_save", {})
+    for other, paths in others.items():
+        if other == name:
+            continue
+        for q in paths:
+            hit = next((p.path for p in planned if overlap(p.path, q)), None) or next(
+                (t for t in saved if overlap(t, q)), None)
+            if hit is not None:
+                raise ConfigError(
+                    f"{hit!r} overlaps {q!r}, which adapter {other!r} trains and saves in full; the model holds "
+                    "one copy of it, so a second adapter can neither adapt it nor save its own"
+                )
     # -- commit: nothing below can fail on bad input ------------------------------------------
     record = {
         "method": method,
@@ -185,7 +206,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: adapters are skipped (merged ones are unmerged for the duration).
 
     After an init that moved part of W into the adapter (PiSSA, MiLoRA, OLoRA, LoRA-GA, ...) the
-    base layer holds the residual W, so this runs the residual model (as PEFT does).
+    base layer holds the residual W, so this runs the residual model (as PEFT does).  Modules
+    saved in full (``modules_to_save``) are trained in place, in one copy: they keep their trained
+    weights here (PEFT keeps a frozen original beside a copy per adapter).
     """
     layers = [layer for _, layer in adapted_layers(model)]
     remerge = {id(layer): list(layer.merged) for layer in layers}
