@@ -388,3 +388,13 @@ def test_a_module_saved_in_full_belongs_to_one_adapter(model):
     lowrank.adapt(model, "lora", rank=2, name="b")  # all-linear: a's q_proj layers get b too, o_proj of layer 0 not
     paths = {p for p, layer in lowrank.adapted_layers(model) if "b" in layer.adapters}
     assert "model.layers.0.self_attn.o_proj" not in paths and "model.layers.1.self_attn.o_proj" in paths
+
+
+def test_loading_an_adapter_that_saves_a_module_another_adapter_holds_is_refused(tmp_path):
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=["lm_head"])
+    lowrank.save_adapter(m, tmp_path / "a", name="a")
+    other = lowrank.adapt(tiny_llama(), "lora", rank=2, name="b", targets=["v_proj"], modules_to_save=["lm_head"])
+    snap = snapshot(other)
+    with pytest.raises(lowrank.AdapterLoadError, match="which adapter 'b' trains and saves in full"):
+        lowrank.load_adapter(other, tmp_path / "a", name="a")
+    assert_unchanged(other, snap)

@@ -12,7 +12,15 @@ from torch import nn
 from ..errors import AdapterNotFoundError, ConfigError, MergeError, TargetError
 from ..registry import get_init, get_method
 from .init import Init
-from .inject import _set_submodule, adapted_layers, adapter_names, commit_adapters, mark_trainable, plan_adapters
+from .inject import (
+    _set_submodule,
+    adapted_layers,
+    adapter_names,
+    check_saved_modules,
+    commit_adapters,
+    mark_trainable,
+    plan_adapters,
+)
 
 
 def adapt(
@@ -81,30 +89,7 @@ def adapt(
         calibration=calibration,
         options=method_options,
     )
-    def overlap(a: str, b: str) -> bool:
-        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-    # a module saved in full must not also carry (or sit inside) an adapted layer, of this adapter or
-    # another; and it has one copy in the model, so two adapters cannot each save their own
-    adapted = {path: list(layer.adapters) for path, layer in adapted_layers(model)}
-    adapted.update({p.path: [name] for p in planned})
-    for q in saved:
-        hit = next((path for path in adapted if overlap(path, q)), None)
-        if hit is not None:
-            raise ConfigError(f"modules_to_save entry {q!r} overlaps {hit!r}, adapted by {', '.join(adapted[hit])}: "
-                              "a module is either adapted or trained and saved in full")
-    others = getattr(model, "_lowrank_modules_to_save", {})
-    for other, paths in others.items():
-        if other == name:
-            continue
-        for q in paths:
-            hit = next((p.path for p in planned if overlap(p.path, q)), None) or next(
-                (t for t in saved if overlap(t, q)), None)
-            if hit is not None:
-                raise ConfigError(
-                    f"{hit!r} overlaps {q!r}, which adapter {other!r} trains and saves in full; the model holds "
-                    "one copy of it, so a second adapter can neither adapt it nor save its own"
-                )
+    check_saved_modules(model, name, saved, [p.path for p in planned])
     # -- commit: nothing below can fail on bad input ------------------------------------------
     record = {
         "method": method,

@@ -310,6 +310,33 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def check_saved_modules(model: nn.Module, name: str, saved: list[str], adapting: list[str]) -> None:
+    """ConfigError unless adapter ``name``, about to adapt the layers ``adapting`` and save the
+    modules ``saved`` in full, keeps clear of every other: a module saved in full is not also an
+    adapted layer (nor contains or sits inside one), and the model holds one copy of it, so no
+    second adapter may save or adapt it."""
+    def overlap(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    adapted = {path: list(layer.adapters) for path, layer in adapted_layers(model)}
+    adapted.update({path: [name] for path in adapting})
+    for q in saved:
+        hit = next((path for path in adapted if overlap(path, q)), None)
+        if hit is not None:
+            raise ConfigError(f"modules_to_save entry {q!r} overlaps {hit!r}, adapted by {', '.join(adapted[hit])}: "
+                              "a module is either adapted or trained and saved in full")
+    for other, paths in getattr(model, "_lowrank_modules_to_save", {}).items():
+        if other == name:
+            continue
+        for q in paths:
+            hit = next((t for t in [*adapting, *saved] if overlap(t, q)), None)
+            if hit is not None:
+                raise ConfigError(
+                    f"{hit!r} overlaps {q!r}, which adapter {other!r} trains and saves in full; the model holds "
+                    "one copy of it, so a second adapter can neither adapt it nor save its own"
+                )
+
+
 def commit_adapters(model: nn.Module, planned: list[_Planned], name: str, *, freeze: bool = True) -> None:
     """Attach planned adapters; after this point nothing can fail on bad input."""
     for p in planned:

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import AdapterLoadError, AlreadyAdaptedError, ConfigError, LowRankError, UnsafePathError
 from ..registry import _load_builtins, _METHODS, get_init, get_method
 from .api import adapter_record
-from .inject import adapted_layers, commit_adapters, logical_paths, plan_adapters
+from .inject import adapted_layers, check_saved_modules, commit_adapters, logical_paths, plan_adapters
 from .layers import AdaptedLayer, Conv1D
 
 CONFIG_NAME = "adapter_config.json"
@@ -516,6 +516,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if remaining:
         extra = sorted(remaining)[:5]
         raise AdapterLoadError(f"{where}: unexpected keys in {WEIGHTS_NAME}: {', '.join(extra)}")
+    try:
+        check_saved_modules(model, name, [q for q, _, _ in saved_modules], [p.path for p in planned])
+    except LowRankError as e:
+        raise AdapterLoadError(f"{where}: {e}") from None
     # -- commit ---------------------------------------------------------------------------------
     for _, mod, st in saved_modules:
         mod.load_state_dict(st)
