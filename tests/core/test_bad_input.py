@@ -398,3 +398,13 @@ def test_loading_an_adapter_that_saves_a_module_another_adapter_holds_is_refused
     with pytest.raises(lowrank.AdapterLoadError, match="which adapter 'b' trains and saves in full"):
         lowrank.load_adapter(other, tmp_path / "a", name="a")
     assert_unchanged(other, snap)
+
+
+def test_loading_a_saved_module_that_another_adapter_adapted_names_the_conflict(tmp_path):
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=["model.layers.1.mlp"])
+    lowrank.save_adapter(m, tmp_path / "a", name="a")
+    other = lowrank.adapt(tiny_llama(), "lora", rank=2, name="b", targets=["down_proj"])
+    snap = snapshot(other)
+    with pytest.raises(lowrank.AdapterLoadError, match=r"'model.layers.1.mlp' overlaps .*down_proj', adapted by b"):
+        lowrank.load_adapter(other, tmp_path / "a", name="a")
+    assert_unchanged(other, snap)

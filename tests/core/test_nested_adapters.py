@@ -74,3 +74,52 @@ def test_layers_inside_an_adapted_block_are_refused_not_silently_skipped(targets
     assert [p for p, _ in lowrank.adapted_layers(m)] == ["model.layers.0"]
     lowrank.adapt(m, "lora", rank=2, targets=r".*layers\.1\..*_proj", name="a")  # outside the block: fine
     assert len([p for p, _ in lowrank.adapted_layers(m)]) == 1 + 7
+
+
+def test_unload_without_merging_unwraps_inner_layers_first():
+    m = tiny_llama()
+    with torch.no_grad():
+        want = m(input_ids=IDS).logits
+    lowrank.adapt(m, "lora", rank=2, name="a")
+    lowrank.adapt(m, "loreft", targets=BLOCK, rank=4, name="b")
+    plain = lowrank.unload(m, merge_adapters=False)
+    assert not list(lowrank.adapted_layers(plain))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=IDS).logits, want)
+
+
+def test_a_square_R_keeps_torchs_map_so_earlier_files_load_the_same():
+    """rank = width: torch's orthogonal() picks the matrix exponential (no int() involved); kept."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    from lowrank.adapters.loreft import _orthonormal_rows
+
+    torch.manual_seed(3)
+    ref = orthogonal(torch.nn.Linear(8, 8, bias=False))
+    torch.manual_seed(3)
+    ours = _orthonormal_rows(torch.nn.Linear(8, 8, bias=False))
+    assert torch.equal(ref.weight, ours.weight)
+    with torch.no_grad():
+        ref.parametrizations.weight.original.add_(0.1)
+        ours.parametrizations.weight.original.add_(0.1)
+    assert torch.equal(ref.weight, ours.weight)
+
+
+def test_shared_modules_and_parametrized_linears_still_adapt():
+    """A module registered twice (tied) is adapted once; a weight-normed Linear that carries an
+    adapter is a layer, not a wrapped block, so a second adapter on all-linear is not refused."""
+    shared = torch.nn.Linear(8, 8)
+    m = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    lowrank.adapt(m, "lora", rank=2)
+    assert [p for p, _ in lowrank.adapted_layers(m)] == ["0"]
+    wn = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8)))
+    lowrank.adapt(wn, "lora", rank=2, name="a")
+    lowrank.adapt(wn, "lora", rank=2, name="b")
+    assert set(dict(lowrank.adapted_layers(wn))["0"].adapters) == {"a", "b"}
+
+
+def test_an_exclude_regex_with_an_inline_flag_works_beside_modules_to_save():
+    m = tiny_llama()
+    lowrank.adapt(m, "lora", rank=2, exclude=r"(?i).*Q_PROJ", modules_to_save=["model.layers.0.self_attn.o_proj"])
+    paths = [p for p, _ in lowrank.adapted_layers(m)]
+    assert paths and not any(p.endswith("q_proj") or p == "model.layers.0.self_attn.o_proj" for p in paths)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _Orthogonal, _OrthMaps
+from torch.nn.utils.parametrizations import _Orthogonal, _OrthMaps, orthogonal
 
 from ..core.adapter import Adapter
 from ..core.layers import BaseLayer
@@ -70,7 +70,10 @@ class _Householder(_Orthogonal):
 
 
 def _orthonormal_rows(linear: nn.Linear) -> nn.Linear:
-    """``linear.weight`` parametrized to have orthonormal rows (torch's orthogonal(), Householder)."""
+    """``linear.weight`` parametrized to have orthonormal rows, as torch's orthogonal() does: the
+    Householder map for r < d (signs read robustly), the matrix exponential for a square R."""
+    if linear.weight.size(0) == linear.weight.size(1):  # rank = width: torch's map, which has no int()
+        return orthogonal(linear)
     parametrize.register_parametrization(
         linear, "weight", _Householder(linear.weight, _OrthMaps.householder, use_trivialization=True), unsafe=True
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -70,12 +69,10 @@ def adapt(
             if not hits:
                 raise TargetError(f"modules_to_save entry {t!r} matched no module")
             saved += hits
-    ok_exclude = exclude is None or isinstance(exclude, str) or (
-        isinstance(exclude, (list, tuple)) and all(isinstance(t, str) for t in exclude))
     held = [q for other, paths in getattr(model, "_lowrank_modules_to_save", {}).items() if other != name
             for q in paths]  # modules other adapters save in full
-    if (saved or held) and isinstance(targets, str) and targets == "all-linear" and ok_exclude:
-        exclude = _excluding(exclude, saved + held)  # as PEFT: a module saved in full is not also adapted
+    # as PEFT: under all-linear a module saved in full (by this adapter or another) is not also adapted
+    skip = saved + held if isinstance(targets, str) and targets == "all-linear" else []
     planned = plan_adapters(
         model,
         method_cls,
@@ -88,6 +85,7 @@ def adapt(
         init=init_obj,
         calibration=calibration,
         options=method_options,
+        skip=skip,
     )
     check_saved_modules(model, name, saved, [p.path for p in planned])
     # -- commit: nothing below can fail on bad input ------------------------------------------
@@ -105,17 +103,6 @@ def adapt(
     _register_record(model, name, record)
     commit_adapters(model, planned, name)
     return model
-
-
-def _excluding(exclude: str | Sequence[str] | None, modules: list[str]) -> str:
-    """``exclude`` (a regex or a list of name suffixes) widened to the given module paths and
-    everything inside them, as one regex."""
-    parts = [rf"{re.escape(m)}(\..*)?" for m in modules]
-    if isinstance(exclude, str):
-        parts.insert(0, f"(?:{exclude})")
-    elif exclude:
-        parts += [rf"(.*\.)?{re.escape(t)}" for t in exclude]
-    return "|".join(parts)
 
 
 def _register_record(model: nn.Module, name: str, record: dict[str, Any]) -> None:
@@ -219,7 +206,7 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     layers = list(adapted_layers(model))
     if merge_adapters:
         merge(model)
-    for path, layer in layers:
+    for path, layer in reversed(layers):  # innermost first: a wrapped block's layers live under its base_layer
         _set_submodule(model, path, layer.base_layer) if path else None
     for attr in ("_lowrank_adapters", "_lowrank_modules_to_save"):
         if hasattr(model, attr):

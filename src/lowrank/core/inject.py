@@ -54,11 +54,13 @@ def logical_paths(model: nn.Module) -> dict[str, str]:
     ``base_layer`` hops left out; adapters' own modules are not listed).  They differ only inside
     a wrapped container (a block edited by LoReFT that holds adapted layers)."""
     out: dict[str, str] = {}
+    seen: set[int] = set()  # as named_modules: a module registered twice (or in a cycle) is listed once
 
     def walk(m: nn.Module, actual: str, logical: str) -> None:
         out[actual] = logical
+        seen.add(id(m))
         for name, child in m._modules.items():
-            if child is None:
+            if child is None or id(child) in seen:
                 continue
             a = f"{actual}.{name}" if actual else name
             if isinstance(m, AdaptedLayer):
@@ -74,12 +76,16 @@ def logical_paths(model: nn.Module) -> dict[str, str]:
 def _inside_wrapped_blocks(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """(plain path, path of the wrapped block, module) of modules inside a wrapped container:
     not addressable by targets (see :func:`resolve_targets`)."""
+    blocks = [(path, mod) for path, mod in model.named_modules()
+              if isinstance(mod, AdaptedLayer) and not mod.base.has_weight]  # wrapped containers, not layers
+    if not blocks:
+        return
     logical = logical_paths(model)
-    for path, mod in model.named_modules():
-        if isinstance(mod, AdaptedLayer) and any(True for _ in mod.base_layer.children()):
-            for sub, inner in mod.base_layer.named_modules():
-                if sub and ".adapters." not in f".{sub}." and not isinstance(inner, AdaptedLayer):
-                    yield logical[f"{path}.base_layer.{sub}"], path, inner
+    for path, mod in blocks:
+        for sub, inner in mod.base_layer.named_modules():
+            if sub and ".adapters." not in f".{sub}." and not isinstance(inner, AdaptedLayer):
+                actual = f"{path}.base_layer.{sub}"
+                yield logical.get(actual, actual), path, inner
 
 
 def _output_head_paths(model: nn.Module) -> set[str]:
@@ -127,14 +133,20 @@ def resolve_targets(
     exclude: str | Sequence[str] | None = None,
     layer_types: tuple[type[nn.Module], ...] = LINEAR_TYPES,
     method: str = "",
+    skip: Sequence[str] = (),
 ) -> list[tuple[str, nn.Module]]:
-    """The (path, module) pairs a target spec selects; raises TargetError if none."""
+    """The (path, module) pairs a target spec selects; raises TargetError if none.  ``skip``:
+    module paths left out with everything inside them (modules saved in full)."""
     targets = _spec("targets", targets)
     exclude = _spec("exclude", exclude) if exclude is not None else None
+
+    def skipped(path: str) -> bool:
+        return any(path == q or path.startswith(q + ".") for q in skip)
+
     candidates = [(p, m) for p, m in _candidate_modules(model) if p]
     chosen: list[tuple[str, nn.Module]] = []
+    heads = _output_head_paths(model) if targets == "all-linear" else set()
     if targets == "all-linear":
-        heads = _output_head_paths(model)
         for path, mod in candidates:
             inner = mod.base_layer if isinstance(mod, AdaptedLayer) else mod
             if isinstance(inner, LINEAR_TYPES) and path not in heads:
@@ -153,13 +165,15 @@ def resolve_targets(
                 chosen.append((path, mod))
     if exclude is not None:
         chosen = [(p, m) for p, m in chosen if not _matches(p, exclude)]
+    chosen = [(p, m) for p, m in chosen if not skipped(p)]
     # layers inside a block whose whole output an adapter already edits (LoReFT) cannot take adapters
     # now: refuse, rather than adapt the rest and silently leave them out
     for path, block, inner in _inside_wrapped_blocks(model):
-        if isinstance(inner, AdaptedLayer) or not isinstance(inner, layer_types):
-            continue
-        wanted = (path not in _output_head_paths(model)) if targets == "all-linear" else _matches(path, targets)
-        if wanted and not (exclude is not None and _matches(path, exclude)):
+        if targets == "all-linear":
+            wanted = isinstance(inner, LINEAR_TYPES) and path not in heads
+        else:
+            wanted = isinstance(inner, layer_types) and _matches(path, targets)
+        if wanted and not (exclude is not None and _matches(path, exclude)) and not skipped(path):
             names = ", ".join(model.get_submodule(block).adapters)
             raise TargetError(
                 f"module {path!r} sits inside {block!r}, whose output adapter(s) {names} already edit; layers "
@@ -208,6 +222,7 @@ def plan_adapters(
     init: Init | None,
     calibration: Iterable[Any] | None,
     options: dict[str, Any],
+    skip: Sequence[str] = (),
 ) -> list[_Planned]:
     """Build every adapter detached from the model; nothing in the model changes here."""
     if not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\"):
@@ -229,7 +244,7 @@ def plan_adapters(
         )
     for key, value in options.items():
         _check_option_type(method_cls.name, key, value, known[key].default)
-    chosen = resolve_targets(model, targets, exclude, method_cls.layer_types, method_cls.name)
+    chosen = resolve_targets(model, targets, exclude, method_cls.layer_types, method_cls.name, skip=skip)
     if init is not None and not issubclass(method_cls, init.requires):
         raise ConfigError(
             f"init {init.name!r} needs a method with {init.requires.__name__} structure; "
@@ -319,7 +334,8 @@ def check_saved_modules(model: nn.Module, name: str, saved: list[str], adapting:
         return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
     adapted = {path: list(layer.adapters) for path, layer in adapted_layers(model)}
-    adapted.update({path: [name] for path in adapting})
+    for path in adapting:
+        adapted[path] = [*adapted.get(path, []), name]
     for q in saved:
         hit = next((path for path in adapted if overlap(path, q)), None)
         if hit is not None:

@@ -495,6 +495,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             p.new_weight = (w.to(work) - left.to(w.device, work) @ right.to(w.device, work)).to(w.dtype)
             p.adapter.finalize(p.new_weight)
             record_base_delta(p.adapter, left.to(w.device), right.to(w.device))
+    saved_paths = []  # the modules the file saves in full, resolved in this model
+    for mp in recipe.get("modules_to_save") or []:
+        hits = [q for q in modules if q and (q == mp or q.endswith("." + mp))]
+        if not hits:
+            raise AdapterLoadError(f"{where}: modules_to_save entry {mp!r} matches no module of this model")
+        saved_paths += hits
+    try:
+        check_saved_modules(model, name, saved_paths, [p.path for p in planned])
+    except LowRankError as e:
+        raise AdapterLoadError(f"{where}: {e}") from None
     for p in planned:
         expected = p.adapter.adapter_state_dict()
         sub = {}
@@ -503,23 +513,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         p.adapter.load_adapter_state_dict(sub)
     method_cls.load_shared_state([p.adapter for p in planned], remaining, where)
     saved_modules = []
-    for mp in recipe.get("modules_to_save") or []:
-        hits = [q for q in modules if q and (q == mp or q.endswith("." + mp))]
-        if not hits:
-            raise AdapterLoadError(f"{where}: modules_to_save entry {mp!r} matches no module of this model")
-        for q in hits:
-            mod = modules[q]
-            new_state = {}
-            for k, ref in mod.state_dict().items():
-                new_state[k] = _take(remaining, f"{PREFIX}{q}.{k}", ref, where)
-            saved_modules.append((q, mod, new_state))
+    for q in saved_paths:
+        mod = modules[q]
+        new_state = {}
+        for k, ref in mod.state_dict().items():
+            new_state[k] = _take(remaining, f"{PREFIX}{q}.{k}", ref, where)
+        saved_modules.append((q, mod, new_state))
     if remaining:
         extra = sorted(remaining)[:5]
         raise AdapterLoadError(f"{where}: unexpected keys in {WEIGHTS_NAME}: {', '.join(extra)}")
-    try:
-        check_saved_modules(model, name, [q for q, _, _ in saved_modules], [p.path for p in planned])
-    except LowRankError as e:
-        raise AdapterLoadError(f"{where}: {e}") from None
     # -- commit ---------------------------------------------------------------------------------
     for _, mod, st in saved_modules:
         mod.load_state_dict(st)
