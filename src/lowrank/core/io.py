@@ -295,57 +295,52 @@ def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     return cfg, tensors
 
 
-def _check_section(r: dict[str, Any], where: str) -> None:
-    """The types of the 'lowrank' section's fields, before any of them is used."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    def names(v):
-        return isinstance(v, list) and all(isinstance(t, str) for t in v)
-
-    def shape(v):
-        return isinstance(v, list) and len(v) == 2 and all(isinstance(d, int) and d > 0 for d in v)
-
-    checks = {
-        "method": (lambda v: isinstance(v, str), "a method name"),
-        "rank": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
-        "alpha": (lambda v: v is None or number(v), "a number"),
-        "dropout": (lambda v: v is None or number(v), "a number"),
-        "targets": (lambda v: isinstance(v, str) or names(v), "a string or a list of module names"),
-        "exclude": (lambda v: v is None or isinstance(v, str) or names(v), "a string or a list of module names"),
-        "init": (lambda v: v is None or isinstance(v, str), "an init name"),
-        "init_options": (lambda v: isinstance(v, dict), "an object"),
-        "options": (lambda v: isinstance(v, dict), "an object"),
-        "modules_to_save": (lambda v: names(v), "a list of module names"),
-        "shapes": (lambda v: isinstance(v, dict) and all(shape(x) for x in v.values()),
-                   "an object of [out, in] pairs"),
-    }
-    for key, (ok, what) in checks.items():
-        if key in r and not ok(r[key]):
-            raise AdapterLoadError(f"{where}: 'lowrank.{key}' must be {what}, got {r[key]!r}")
+# ---- field checks of a config file, before any field is used ------------------------------------
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_peft_fields(cfg: dict[str, Any], where: str) -> None:
-    """The types of a PEFT config's fields that are read here, before any of them is used."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-    checks = {
-        "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
-        "lora_alpha": (lambda v: number(v) and v > 0, "a number > 0"),
-        "lora_dropout": (lambda v: v is None or (number(v) and 0 <= v < 1), "a number in [0, 1)"),
-        "target_modules": (lambda v: v is None or isinstance(v, str)
-                           or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
-                           "a string or a list of module names"),
-        "exclude_modules": (lambda v: v is None or isinstance(v, str)
-                            or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
-                            "a string or a list of module names"),
-        "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
-                            "a list of module names"),
-    }
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
+def _shape(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(isinstance(d, int) and d > 0 for d in v)
+
+
+def _check_fields(cfg: dict[str, Any], checks: dict[str, tuple[Any, str]], where: str, prefix: str = "") -> None:
+    """AdapterLoadError naming the file and key of the first present field that fails its check."""
     for key, (ok, what) in checks.items():
         if key in cfg and not ok(cfg[key]):
-            raise AdapterLoadError(f"{where}: '{key}' must be {what}, got {cfg[key]!r}")
+            raise AdapterLoadError(f"{where}: '{prefix}{key}' must be {what}, got {cfg[key]!r}")
+
+
+_LOWRANK_FIELDS = {
+    "method": (lambda v: isinstance(v, str), "a method name"),
+    "rank": (_positive_int, "a positive integer"),
+    "alpha": (lambda v: v is None or _number(v), "a number"),
+    "dropout": (lambda v: v is None or _number(v), "a number"),
+    "targets": (lambda v: isinstance(v, str) or _names(v), "a string or a list of module names"),
+    "exclude": (lambda v: v is None or isinstance(v, str) or _names(v), "a string or a list of module names"),
+    "init": (lambda v: v is None or isinstance(v, str), "an init name"),
+    "init_options": (lambda v: isinstance(v, dict), "an object"),
+    "options": (lambda v: isinstance(v, dict), "an object"),
+    "modules_to_save": (_names, "a list of module names"),
+    "shapes": (lambda v: isinstance(v, dict) and all(_shape(x) for x in v.values()), "an object of [out, in] pairs"),
+}
+
+_PEFT_FIELDS = {  # the fields of a PEFT config that are read here
+    "r": (_positive_int, "a positive integer"),
+    "lora_alpha": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: v is None or (_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _names(v), "a string or a list of module names"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _names(v), "a string or a list of module names"),
+    "modules_to_save": (lambda v: v is None or _names(v), "a list of module names"),
+}
 
 
 def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -357,11 +352,11 @@ def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         if missing:
             raise AdapterLoadError(f"{where}: 'lowrank' section lacks {', '.join(missing)}")
         version = r.get("format_version", 1)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        if not _positive_int(version):
             raise AdapterLoadError(f"{where}: 'lowrank.format_version' must be a positive integer, got {version!r}")
         if version > FORMAT_VERSION:
             raise AdapterLoadError(f"{where}: format_version {r['format_version']} is newer than this lowrank")
-        _check_section(r, where)
+        _check_fields(r, _LOWRANK_FIELDS, where, prefix="lowrank.")
         return dict(r)
     _load_builtins()
     for cls in _METHODS.values():
@@ -369,7 +364,7 @@ def _recipe_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         if found is not None:
             if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
                 raise AdapterLoadError(f"{where}: per-module rank_pattern/alpha_pattern are not supported")
-            _check_peft_fields(cfg, where)
+            _check_fields(cfg, _PEFT_FIELDS, where)
             return {
                 "method": cls.name,
                 # rank-free PEFT methods (C3A: block_size instead) have no "r"
