@@ -20,6 +20,7 @@ from .inject import (
     mark_trainable,
     plan_adapters,
 )
+from .saved import forget, remember_originals, saved_paths, show
 
 
 def adapt(
@@ -100,6 +101,7 @@ def adapt(
         "targets": [p.path for p in planned],
         "modules_to_save": saved,
     }
+    remember_originals(model, saved)
     _register_record(model, name, record)
     commit_adapters(model, planned, name)
     return model
@@ -144,6 +146,8 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     for _, layer in adapted_layers(model):
         layer.active = [n for n in wanted if n in layer.adapters]
     mark_trainable(model, wanted)
+    # a module saved in full shows its adapter's values only while that adapter is active (as PEFT)
+    show(model, {q: owner in wanted for q, owner in saved_paths(model).items()})
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -175,22 +179,25 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: adapters are skipped (merged ones are unmerged for the duration).
+    """Run the base model: adapters are skipped (merged ones are unmerged for the duration), and
+    modules saved in full (``modules_to_save``) show their values from before the adapter.
 
     After an init that moved part of W into the adapter (PiSSA, MiLoRA, OLoRA, LoRA-GA, ...) the
-    base layer holds the residual W, so this runs the residual model (as PEFT does).  Modules
-    saved in full (``modules_to_save``) are trained in place, in one copy: they keep their trained
-    weights here (PEFT keeps a frozen original beside a copy per adapter).
+    base layer holds the residual W, so this runs the residual model (as PEFT does).
     """
     layers = [layer for _, layer in adapted_layers(model)]
     remerge = {id(layer): list(layer.merged) for layer in layers}
     was = {id(layer): layer.disabled for layer in layers}
+    stash = getattr(model, "_lowrank_saved_stash", {})
+    shown = {q: q not in stash for q in saved_paths(model)}  # True: the adapter's values are shown now
     try:
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
+        show(model, dict.fromkeys(shown, False))
         yield model
     finally:
+        show(model, shown)
         for layer in layers:
             layer.disabled = was[id(layer)]
             if remerge[id(layer)]:
@@ -211,6 +218,7 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     for attr in ("_lowrank_adapters", "_lowrank_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)
+    forget(model)  # modules saved in full keep the values they show (the active adapter's)
     return model
 
 

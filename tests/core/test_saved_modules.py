@@ -1,0 +1,102 @@
+"""Modules saved in full (``modules_to_save``): one live copy in the model, the original kept aside
+and shown whenever the owning adapter is not applied (as PEFT runs its frozen original)."""
+
+from __future__ import annotations
+
+import torch
+
+import lowrank
+from conftest import tiny_llama
+
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+HEAD = "lm_head"
+
+
+def logits(m):
+    with torch.no_grad():
+        return m(input_ids=IDS).logits
+
+
+def train_a_little(m):
+    """Change the adapter and its saved head the way training would (in place, same tensors)."""
+    with torch.no_grad():
+        for _, p in lowrank.trainable_parameters(m):
+            p.add_(0.05 * torch.randn_like(p))
+
+
+def test_disabled_runs_the_original_saved_module_and_gives_the_trained_one_back():
+    base = logits(tiny_llama())
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, targets=["q_proj"], modules_to_save=[HEAD])
+    head = m.get_submodule(HEAD).weight
+    train_a_little(m)
+    trained_head, adapted = head.detach().clone(), logits(m)
+    assert not torch.allclose(adapted, base)
+    with lowrank.disabled(m):
+        torch.testing.assert_close(logits(m), base, rtol=0, atol=0)
+        with lowrank.disabled(m):  # nested: still the base
+            torch.testing.assert_close(logits(m), base, rtol=0, atol=0)
+        torch.testing.assert_close(logits(m), base, rtol=0, atol=0)
+    torch.testing.assert_close(logits(m), adapted, rtol=0, atol=0)
+    # the same tensor holds the trained values again (an optimizer's references stay valid)
+    assert m.get_submodule(HEAD).weight is head and torch.equal(head, trained_head) and head.requires_grad
+
+
+def test_a_save_inside_disabled_writes_the_trained_head(tmp_path):
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, targets=["q_proj"], modules_to_save=[HEAD])
+    train_a_little(m)
+    adapted = logits(m)
+    with lowrank.disabled(m):
+        lowrank.save_adapter(m, tmp_path / "a")
+    fresh = lowrank.load_adapter(tiny_llama(), tmp_path / "a")
+    torch.testing.assert_close(logits(fresh), adapted, rtol=0, atol=0)
+
+
+def test_a_loaded_adapter_keeps_the_original_head_for_disabled(tmp_path):
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, targets=["q_proj"], modules_to_save=[HEAD])
+    train_a_little(m)
+    lowrank.save_adapter(m, tmp_path / "a")
+    fresh = lowrank.load_adapter(tiny_llama(), tmp_path / "a")
+    with lowrank.disabled(fresh):
+        torch.testing.assert_close(logits(fresh), logits(tiny_llama()), rtol=0, atol=0)
+
+
+def test_an_inactive_adapter_leaves_the_original_head_and_still_saves_its_own(tmp_path):
+    base_head = tiny_llama().get_submodule(HEAD).weight.detach().clone()
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=[HEAD])
+    train_a_little(m)
+    a_head, a_logits = m.get_submodule(HEAD).weight.detach().clone(), logits(m)
+    lowrank.adapt(m, "lora", rank=2, name="b", targets=["v_proj"])
+    lowrank.set_active(m, "b")
+    assert torch.equal(m.get_submodule(HEAD).weight, base_head)
+    assert not m.get_submodule(HEAD).weight.requires_grad
+    lowrank.save_adapter(m, tmp_path / "a", name="a")  # a's own head, though it is not shown now
+    torch.testing.assert_close(logits(lowrank.load_adapter(tiny_llama(), tmp_path / "a")), a_logits, rtol=0, atol=0)
+    lowrank.set_active(m, ["a", "b"])
+    assert torch.equal(m.get_submodule(HEAD).weight, a_head) and m.get_submodule(HEAD).weight.requires_grad
+    lowrank.set_active(m, "a")
+    torch.testing.assert_close(logits(m), a_logits, rtol=0, atol=0)
+
+
+def test_unload_keeps_the_head_the_model_shows():
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, targets=["q_proj"], modules_to_save=[HEAD])
+    train_a_little(m)
+    adapted = logits(m)
+    plain = lowrank.unload(m)
+    torch.testing.assert_close(logits(plain), adapted, rtol=1e-5, atol=1e-6)
+    assert not hasattr(plain, "_lowrank_saved_originals")
+
+
+def test_a_tied_head_is_restored_with_its_embedding():
+    """GPT-2's lm_head shares its weight with the token embedding: one live tensor, so both show
+    the original inside disabled and the trained values after."""
+    from conftest import tiny_gpt2
+
+    base = logits(tiny_gpt2())
+    m = lowrank.adapt(tiny_gpt2(), "lora", rank=2, targets=["c_attn"], modules_to_save=[HEAD])
+    assert m.lm_head.weight is m.transformer.wte.weight
+    train_a_little(m)
+    adapted = logits(m)
+    with lowrank.disabled(m):
+        torch.testing.assert_close(logits(m), base, rtol=0, atol=0)
+    torch.testing.assert_close(logits(m), adapted, rtol=0, atol=0)
+    assert m.lm_head.weight is m.transformer.wte.weight
