@@ -40,9 +40,11 @@ def adapted_anchor(method: str, **adapt_options):
 
 
 def adamw(model) -> torch.optim.Optimizer | None:
+    from lowrank.recipes._defaults import adamw as recipe_adamw
+
     params = [p for p in model.parameters() if p.requires_grad]
-    # foreach: torch's multi-tensor AdamW (on CPU the default is a Python loop over the tensors)
-    return torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None
+    # every configuration gets the AdamW that `lowrank train` builds: torch's, fused on CPU
+    return recipe_adamw(params, lr=1e-4) if params else None
 
 
 def train_step(model, opt, ids) -> float:

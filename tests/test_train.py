@@ -259,3 +259,23 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     assert ra[0]["tokens"] == rb[0]["tokens"] == 4 * 32
     for x, y in zip(ra, rb):
         assert abs(x["loss"] - y["loss"]) < 1e-4 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-3 * x["grad_norm"]
+
+
+def test_recipes_build_torch_adamw_fused_where_torch_can():
+    """The built-in recipes' AdamW is torch's own, fused for CPU/CUDA float tensors (same math to
+    rounding, one pass per tensor) and torch's default elsewhere."""
+    from lowrank.recipes._defaults import adamw
+
+    cpu = [torch.zeros(3, 4, requires_grad=True)]
+    assert adamw(cpu, lr=1e-3).defaults["fused"] is True
+    meta = [torch.zeros(3, 4, device="meta", requires_grad=True)]
+    assert not adamw(meta, lr=1e-3).defaults["fused"]
+    ref = torch.zeros(3, 4, requires_grad=True)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, foreach=False)
+    opt = adamw(cpu, lr=1e-2)
+    for step in range(3):
+        g = torch.randn(3, 4, generator=torch.Generator().manual_seed(step))
+        cpu[0].grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(cpu[0], ref, rtol=1e-6, atol=1e-7)

@@ -12,7 +12,7 @@ from torch import nn
 import lowrank
 from lowrank.core import shared_input
 from lowrank.core.layers import AdaptedLayer
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 
 def _perturb(model: nn.Module, seed: int = 0) -> None:

@@ -18,7 +18,6 @@ import importlib
 import pkgutil
 from typing import Any, Iterable, Sequence
 
-import torch
 from torch import nn
 
 from .. import recipes as _pkg
@@ -26,7 +25,7 @@ from ..core.api import adapt
 from ..core.io import save_adapter
 from ..registry import get_init, get_method, inits, methods
 from . import _RECIPES, Prepared, TaskInfo, register_recipe
-from ._defaults import default_lr, default_rank
+from ._defaults import adamw, default_lr, default_rank
 
 
 def _build(
@@ -76,7 +75,7 @@ def _build(
     )
     lr = default_lr("adapter", task.kind) if lr is None else lr
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    opt = adamw(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
     info = {"method": method, "rank": rank, "lr": lr, "init": init, "options": dict(method_options)}
     return Prepared(model, opt, save=lambda m, path: save_adapter(m, path), info=info)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import Prepared, TaskInfo, register_recipe
-from ._defaults import default_lr
+from ._defaults import adamw, default_lr
 
 
 def save_full_weights(model: nn.Module, path: Path) -> None:
@@ -50,7 +50,7 @@ def _adamw(model: nn.Module, lr: float, weight_decay: float, betas: Any, eps: fl
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the recipe left no trainable parameter")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    return adamw(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
 
 
 @register_recipe("full", "full", "every weight trained with AdamW (full fine-tuning / full-rank pretraining)")

@@ -35,6 +35,7 @@ from ..optim.elementwise_adamw import ElementwiseAdamW
 from ..schedules import LISA, Cuttlefish, MomentumReset, OwLore, Refactorize, ReLoRA, SwitchLoRA
 from ..schedules.relora import factor_adapters
 from . import Prepared, TaskInfo, register_recipe
+from ._defaults import adamw
 
 PRETRAIN = ("pretrain",)
 
@@ -50,7 +51,7 @@ def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Opti
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: the model has no trainable parameter")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return adamw(params, lr=lr, weight_decay=weight_decay)
 
 
 def _all_linear_plain(model: nn.Module) -> bool:
