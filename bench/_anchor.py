@@ -75,13 +75,15 @@ def interleaved_medians(built: dict[str, tuple], ids, rounds: int,
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def peak_rss_bytes(module: str, name: str, batch: int, seq: int, steps: int = 2) -> int:
+def peak_rss_bytes(module: str, name: str, batch: int, seq: int, steps: int = 2, prelude: str = "") -> int:
     """VmHWM of a fresh process that runs ``module.build(name)`` and ``steps`` of ``module.step``.
 
     VmHWM (the process's own peak), not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a
-    child of a large process would report the parent's peak.
+    child of a large process would report the parent's peak.  ``prelude``: Python run first.
     """
     code = (
+        f"{prelude};" if prelude else ""
+    ) + (
         f"import sys, torch; sys.path.insert(0, 'bench'); import {module} as s;"
         f"m, o = s.build({name!r}); ids = torch.randint(0, {VOCAB}, ({batch}, {seq}),"
         " generator=torch.Generator().manual_seed(0));"

@@ -11,10 +11,12 @@ configuration are interleaved round-robin (so load changes on the machine hit al
 
 Peak RSS is measured per configuration in a fresh subprocess (its own VmHWM).  Page faults per
 step are counted in the shared process: under glibc's default malloc, large freed blocks go
-back to the system and each step touches fresh pages again; with
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` in the environment none does.
+back to the system and each step touches fresh pages again.  ``--allocator lowrank`` first
+makes the same call as ``lowrank train`` (:func:`lowrank.train.keep_freed_heap`: glibc keeps
+freed memory, as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment would), in
+the timing process and in each peak-RSS process, so every configuration runs that way.
 
-    .venv/bin/python bench/adapter_step.py [--rounds 6] [--no-memory]
+    .venv/bin/python bench/adapter_step.py [--rounds 6] [--no-memory] [--allocator glibc|lowrank]
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ def matmul_rate(n: int = 1024, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def peak_rss_of(name: str) -> int:
-    return peak_rss_bytes("adapter_step", name, B, T, steps=3)
+KEEP_FREED = "from lowrank.train import keep_freed_heap; keep_freed_heap()"
+
+
+def peak_rss_of(name: str, prelude: str) -> int:
+    return peak_rss_bytes("adapter_step", name, B, T, steps=3, prelude=prelude)
 
 
 def main() -> None:
@@ -83,7 +88,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--allocator", choices=["glibc", "lowrank"], default="glibc",
+                    help="glibc: its defaults; lowrank: keep freed memory, as `lowrank train` does")
     args = ap.parse_args()
+    prelude = KEEP_FREED if args.allocator == "lowrank" else ""
+    if prelude:
+        from lowrank.train import keep_freed_heap
+
+        assert keep_freed_heap(), "glibc's mallopt is not available here"
     names = args.configs.split(",")
     ids = torch.randint(0, 8192, (B, T), generator=torch.Generator().manual_seed(0))
     built = {n: build(n) for n in names}
@@ -114,8 +126,9 @@ def main() -> None:
         row["matmul_rate_fraction"] = round(base_flops / med[n] / rate, 3)
         row["page_faults_per_step"] = int(statistics.median(faults[n]))
         if not args.no_memory:
-            row["peak_rss_gb"] = round(peak_rss_of(n) / 1e9, 3)
+            row["peak_rss_gb"] = round(peak_rss_of(n, prelude) / 1e9, 3)
         rows.append(row)
+    print(f"allocator: {args.allocator}")
     print(f"machine matmul rate (1024^3 fp32): {rate / 1e9:.0f} GFLOP/s; frozen-base multiply work {base_flops / 1e9:.0f} GFLOP/step")
     for r in rows:
         print(json.dumps(r))

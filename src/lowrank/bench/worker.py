@@ -17,9 +17,10 @@ def main(argv: list[str]) -> int:
     with open(argv[1], encoding="utf-8") as fh:
         cfg = json.load(fh)
     from ..errors import LowRankError
-    from ..train import TrainConfig, Trainer
+    from ..train import TrainConfig, Trainer, keep_freed_heap
     from .runner import _write_train_config
 
+    keep_freed_heap()  # as `lowrank train`: every method's process keeps its freed memory for reuse
     try:
         trainer = Trainer(TrainConfig.from_dict(cfg))
         _write_train_config(trainer)

@@ -44,7 +44,7 @@ def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML/YAML file of these options (flags override it)"),
 ) -> None:
     """Train one METHOD on one task; writes OUT/metrics.jsonl, OUT/checkpoints/ and OUT/final/."""
-    from ..train import TrainConfig, Trainer, parse_options, read_config_file
+    from ..train import TrainConfig, Trainer, keep_freed_heap, parse_options, read_config_file
 
     values: dict[str, Any] = read_config_file(config) if config is not None else {}
     for key in ("method_options", "optimizer_options"):
@@ -71,6 +71,7 @@ def train_cmd(
         values["progress"] = False
     if "out" not in values:
         raise typer.BadParameter("--out is required (or `out` in the --config file)", param_hint="--out")
+    keep_freed_heap()  # this process only trains: reuse freed activations instead of faulting pages in
     trainer = Trainer(TrainConfig.from_dict(values))
     typer.echo(f"task:   {trainer.task.describe()}", err=True)
     typer.echo(
