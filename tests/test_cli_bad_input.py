@@ -208,7 +208,18 @@ def test_ctrl_c_while_the_package_imports_exits_quietly():
 
     proc = subprocess.Popen([sys.executable, "-c", "from lowrank_launch import main; main()", "methods"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # the interpreter is up and importing torch
+    # wait until the child is inside the import (torch's library is mapped): a signal during the
+    # interpreter's own start-up, before the entry point runs, is not what this test is about
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with open(maps) as fh:
+                if "libtorch" in fh.read():
+                    break
+        except OSError:
+            pass
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (proc.returncode, err[-2000:])

@@ -370,10 +370,10 @@ def test_bad_lowrank_section_names_the_file(saved, model, key, value, match):
     assert_unchanged(model, snap)
 
 
-def test_a_module_saved_in_full_belongs_to_one_adapter(model):
-    """The model holds one copy of a module saved in full: a second adapter may neither save it too
-    nor adapt it, and may not save a module another adapter adapted; under all-linear such modules
-    are simply left out."""
+def test_a_module_saved_in_full_belongs_to_one_active_adapter(model):
+    """The model shows one copy of a module saved in full: while adapter a is active a second
+    adapter may not save its own copy, never adapt it, and may not save a module another adapter
+    adapted; under all-linear such modules are simply left out."""
     lowrank.adapt(model, "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=["model.layers.0.self_attn.o_proj"])
     snap = snapshot(model)
     cases = [

@@ -3,6 +3,7 @@ and shown whenever the owning adapter is not applied (as PEFT runs its frozen or
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lowrank
@@ -100,3 +101,51 @@ def test_a_tied_head_is_restored_with_its_embedding():
         torch.testing.assert_close(logits(m), base, rtol=0, atol=0)
     torch.testing.assert_close(logits(m), adapted, rtol=0, atol=0)
     assert m.lm_head.weight is m.transformer.wte.weight
+
+
+def test_two_adapters_each_train_their_own_copy_of_a_module_one_shown_at_a_time(tmp_path):
+    """As PEFT's per-adapter copies: b starts from the original head, not from a's; switching the
+    active adapter switches the head; both active at once is refused; each saves its own head."""
+    base = logits(tiny_llama())
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=[HEAD])
+    train_a_little(m)
+    a_logits = logits(m)
+    with pytest.raises(lowrank.ConfigError, match="set_active without 'a' first"):
+        lowrank.adapt(m, "lora", rank=2, name="b", targets=["v_proj"], modules_to_save=[HEAD])
+    lowrank.set_active(m, [])
+    torch.testing.assert_close(logits(m), base, rtol=0, atol=0)
+    lowrank.adapt(m, "lora", rank=2, name="b", targets=["v_proj"], modules_to_save=[HEAD])
+    torch.testing.assert_close(logits(m), base, rtol=0, atol=0)  # b's head starts as the original
+    train_a_little(m)
+    b_logits = logits(m)
+    snap = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(lowrank.ConfigError, match="each train their own copy of 'lm_head'"):
+        lowrank.set_active(m, ["a", "b"])
+    assert all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())
+    lowrank.set_active(m, "a")
+    torch.testing.assert_close(logits(m), a_logits, rtol=0, atol=0)
+    with lowrank.disabled(m):
+        torch.testing.assert_close(logits(m), base, rtol=0, atol=0)
+    lowrank.save_adapter(m, tmp_path / "b", name="b")  # b is not shown: its kept copy is written
+    lowrank.set_active(m, "b")
+    torch.testing.assert_close(logits(m), b_logits, rtol=0, atol=0)
+    lowrank.save_adapter(m, tmp_path / "a", name="a")
+    for d, want in (("a", a_logits), ("b", b_logits)):
+        torch.testing.assert_close(logits(lowrank.load_adapter(tiny_llama(), tmp_path / d, name=d)), want,
+                                   rtol=0, atol=0)
+    # and both files load side by side into one model, switched the same way
+    both = lowrank.load_adapter(tiny_llama(), tmp_path / "a", name="a")
+    with pytest.raises(lowrank.AdapterLoadError, match="set_active without 'a' first"):
+        lowrank.load_adapter(both, tmp_path / "b", name="b")
+    lowrank.set_active(both, [])
+    lowrank.load_adapter(both, tmp_path / "b", name="b")
+    torch.testing.assert_close(logits(both), b_logits, rtol=0, atol=0)
+    lowrank.set_active(both, "a")
+    torch.testing.assert_close(logits(both), a_logits, rtol=0, atol=0)
+
+
+def test_a_module_and_a_part_of_it_are_not_saved_by_two_adapters():
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=["model.layers.1.mlp"])
+    lowrank.set_active(m, [])
+    with pytest.raises(lowrank.ConfigError, match="a module and a part of it"):
+        lowrank.adapt(m, "lora", rank=2, name="b", targets=["v_proj"], modules_to_save=["model.layers.1.mlp.up_proj"])

@@ -20,7 +20,7 @@ from .inject import (
     mark_trainable,
     plan_adapters,
 )
-from .saved import forget, remember_originals, saved_paths, show
+from .saved import claim, forget, owners, show, shown, shown_for
 
 
 def adapt(
@@ -50,6 +50,8 @@ def adapt(
         name: adapters are named; several can live on one model (see :func:`set_active`).
         calibration: batches for inits that read data (LoRA-GA, EVA, ...).
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a head).
+            Each adapter trains its own copy, starting from the original values, which are kept
+            aside (one extra copy) for :func:`disabled`; one active adapter's copy is shown at a time.
         method_options: the method's own keyword options (``lowrank.method_info(method)``).
 
     On bad input a :class:`lowrank.LowRankError` is raised and the model is left unchanged.
@@ -101,7 +103,7 @@ def adapt(
         "targets": [p.path for p in planned],
         "modules_to_save": saved,
     }
-    remember_originals(model, saved)
+    claim(model, saved, name)  # its own copies, starting from the original values
     _register_record(model, name, record)
     commit_adapters(model, planned, name)
     return model
@@ -143,11 +145,16 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     for _, layer in adapted_layers(model):
         if layer.merged:
             raise ConfigError("unmerge the model before changing the active adapters")
+    for q, names in owners(model).items():
+        both = [n for n in names if n in wanted]
+        if len(both) > 1:
+            raise ConfigError(f"adapters {both} each train their own copy of {q!r}; the model shows one copy "
+                              "at a time, so activate only one of them")
     for _, layer in adapted_layers(model):
         layer.active = [n for n in wanted if n in layer.adapters]
     mark_trainable(model, wanted)
-    # a module saved in full shows its adapter's values only while that adapter is active (as PEFT)
-    show(model, {q: owner in wanted for q, owner in saved_paths(model).items()})
+    # a module saved in full shows the copy of its active adapter, or its original (as PEFT)
+    show(model, shown_for(model, wanted))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -188,16 +195,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = [layer for _, layer in adapted_layers(model)]
     remerge = {id(layer): list(layer.merged) for layer in layers}
     was = {id(layer): layer.disabled for layer in layers}
-    stash = getattr(model, "_lowrank_saved_stash", {})
-    shown = {q: q not in stash for q in saved_paths(model)}  # True: the adapter's values are shown now
+    before = shown(model)  # which adapter's copy each module saved in full holds now
     try:
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
-        show(model, dict.fromkeys(shown, False))
+        show(model, dict.fromkeys(before))  # the originals
         yield model
     finally:
-        show(model, shown)
+        show(model, before)
         for layer in layers:
             layer.disabled = was[id(layer)]
             if remerge[id(layer)]:
@@ -218,7 +224,7 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     for attr in ("_lowrank_adapters", "_lowrank_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)
-    forget(model)  # modules saved in full keep the values they show (the active adapter's)
+    forget(model)  # modules saved in full keep the values they show (the active adapter's copy)
     return model
 
 

@@ -328,12 +328,13 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 def check_saved_modules(model: nn.Module, name: str, saved: list[str], adapting: list[str]) -> None:
     """ConfigError unless adapter ``name``, about to adapt the layers ``adapting`` and save the
     modules ``saved`` in full, keeps clear of every other: a module saved in full is not also an
-    adapted layer (nor contains or sits inside one), and the model holds one copy of it, so no
-    second adapter may save or adapt it."""
+    adapted layer (nor contains or sits inside one); another adapter may save its own copy of the
+    same module only while that adapter is not active (the model shows one copy at a time)."""
     def overlap(a: str, b: str) -> bool:
         return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
     adapted = {path: list(layer.adapters) for path, layer in adapted_layers(model)}
+    active = {n for _, layer in adapted_layers(model) for n in layer.active}
     for path in adapting:
         adapted[path] = [*adapted.get(path, []), name]
     for q in saved:
@@ -345,12 +346,16 @@ def check_saved_modules(model: nn.Module, name: str, saved: list[str], adapting:
         if other == name:
             continue
         for q in paths:
-            hit = next((t for t in [*adapting, *saved] if overlap(t, q)), None)
+            hit = next((t for t in adapting if overlap(t, q)), None)
             if hit is not None:
-                raise ConfigError(
-                    f"{hit!r} overlaps {q!r}, which adapter {other!r} trains and saves in full; the model holds "
-                    "one copy of it, so a second adapter can neither adapt it nor save its own"
-                )
+                raise ConfigError(f"{hit!r} overlaps {q!r}, which adapter {other!r} trains and saves in full; "
+                                  "a module is either adapted or trained and saved in full")
+            hit = next((t for t in saved if overlap(t, q)), None)
+            if hit is not None and (hit != q or other in active):
+                why = ("which is active and shows its own copy; the model shows one copy at a time, so "
+                       f"set_active without {other!r} first") if hit == q else \
+                      "a module and a part of it cannot be saved by two adapters"
+                raise ConfigError(f"{hit!r} overlaps {q!r}, which adapter {other!r} trains and saves in full, {why}")
 
 
 def commit_adapters(model: nn.Module, planned: list[_Planned], name: str, *, freeze: bool = True) -> None:

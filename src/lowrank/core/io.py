@@ -24,7 +24,7 @@ from ..registry import _load_builtins, _METHODS, get_init, get_method
 from .api import adapter_record
 from .inject import adapted_layers, check_saved_modules, commit_adapters, logical_paths, plan_adapters
 from .layers import AdaptedLayer, Conv1D
-from .saved import owner_state, remember_originals
+from .saved import claim, owner_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -84,7 +84,7 @@ def adapter_state(model: nn.Module, name: str = "default") -> dict[str, torch.Te
             for k, v in layer.adapters[name].adapter_state_dict().items():
                 state[f"{PREFIX}{path}.{k}"] = v
     for mod_path in rec["modules_to_save"]:
-        for k, v in owner_state(model, mod_path).items():
+        for k, v in owner_state(model, mod_path, name).items():
             state[f"{PREFIX}{mod_path}.{k}"] = v
     return state
 
@@ -252,7 +252,7 @@ def _converted(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, t
         for key, v in sub.items():
             tensors[f"{PREFIX}{path}.{key}"] = v
     for mod_path in rec["modules_to_save"]:
-        for key, v in owner_state(model, mod_path).items():
+        for key, v in owner_state(model, mod_path, name).items():
             tensors[f"{PREFIX}{mod_path}.{key}"] = v
     rec.update(rank=new_rank, init=None, init_options={})
     return adapter_config(model, name, record=rec), tensors
@@ -519,7 +519,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         extra = sorted(remaining)[:5]
         raise AdapterLoadError(f"{where}: unexpected keys in {WEIGHTS_NAME}: {', '.join(extra)}")
     # -- commit ---------------------------------------------------------------------------------
-    remember_originals(model, [q for q, _, _ in saved_modules])
+    claim(model, [q for q, _, _ in saved_modules], name)
     for _, mod, st in saved_modules:
         mod.load_state_dict(st)
     from .api import _register_record

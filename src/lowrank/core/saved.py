@@ -1,13 +1,14 @@
-"""Modules an adapter trains in full (``modules_to_save``).
+"""Modules that adapters train in full (``modules_to_save``).
 
-The model keeps one live copy of such a module, in place, so weight ties and the optimizer's
-references stay as they are.  Its values before the adapter touched them are kept aside: they are
-what the module shows while its adapter is not applied (inside :func:`lowrank.disabled`, or when
-the adapter is not active), as PEFT runs its frozen original there.  The adapter's own values are
-then kept aside in turn, and are what it saves.
+The model keeps one live copy of such a module, in place, so weight ties and an optimizer's
+references stay valid.  Beside it are kept the module's values from before any adapter touched it
+(the *original*) and, for each adapter that saves it but is not shown, that adapter's own values.
+The live copy shows the one active adapter that saves the module, or the original when none is
+active or inside :func:`lowrank.disabled` (as PEFT runs its frozen original there).  Several
+adapters may each save their own copy of a module, but only one of them may be active at a time.
 
-State on the model: ``_lowrank_saved_originals`` (path -> tensors before the adapter) and
-``_lowrank_saved_stash`` (path -> the adapter's tensors while the original is shown).
+State on the model, ``_lowrank_saved``: path -> ``{"original": tensors, "shown": adapter name or
+None, "kept": {adapter name: tensors}}``.
 """
 
 from __future__ import annotations
@@ -17,50 +18,78 @@ from typing import Iterable
 import torch
 from torch import nn
 
+State = dict[str, torch.Tensor]
 
-def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+
+def _records(model: nn.Module) -> dict[str, dict]:
+    return model.__dict__.setdefault("_lowrank_saved", {})
+
+
+def _snapshot(module: nn.Module) -> State:
     return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
 
 
 @torch.no_grad()
-def _put(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
+def _put(module: nn.Module, values: State) -> None:
     live = module.state_dict(keep_vars=True)
     for k, v in values.items():
-        live[k].copy_(v)
+        live[k].copy_(v)  # in place: the same tensors (ties, optimizer state) now hold ``values``
 
 
-def remember_originals(model: nn.Module, paths: Iterable[str]) -> None:
-    """Keep the current values of ``paths`` as their originals (call before an adapter changes them)."""
-    originals = model.__dict__.setdefault("_lowrank_saved_originals", {})
-    for q in paths:
-        if q not in originals:
-            originals[q] = _snapshot(model.get_submodule(q))
+def owners(model: nn.Module) -> dict[str, list[str]]:
+    """path -> the adapters that save that module in full."""
+    out: dict[str, list[str]] = {}
+    for name, paths in getattr(model, "_lowrank_modules_to_save", {}).items():
+        for q in paths:
+            out.setdefault(q, []).append(name)
+    return out
 
 
-def owner_state(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
-    """The owning adapter's values of a saved module, whichever values the model shows now."""
-    stash = model.__dict__.get("_lowrank_saved_stash", {})
-    return dict(stash[path]) if path in stash else model.get_submodule(path).state_dict()
+def shown(model: nn.Module) -> dict[str, str | None]:
+    """path -> the adapter whose values the module holds now (None: the original)."""
+    return {q: rec["shown"] for q, rec in _records(model).items()}
 
 
-def show(model: nn.Module, owners_applied: dict[str, bool]) -> None:
-    """Make each saved module show its owner's values (True) or its original ones (False)."""
-    originals = model.__dict__.get("_lowrank_saved_originals", {})
-    stash = model.__dict__.setdefault("_lowrank_saved_stash", {})
-    for q, applied in owners_applied.items():
+def show(model: nn.Module, want: dict[str, str | None]) -> None:
+    """Make each module in ``want`` hold that adapter's values (None: the original ones)."""
+    records = _records(model)
+    for q, owner in want.items():
+        rec = records.get(q)
+        if rec is None or rec["shown"] == owner:
+            continue
         module = model.get_submodule(q)
-        if applied and q in stash:
-            _put(module, stash.pop(q))
-        elif not applied and q not in stash and q in originals:
-            stash[q] = _snapshot(module)
-            _put(module, originals[q])
+        if rec["shown"] is not None:
+            rec["kept"][rec["shown"]] = _snapshot(module)
+        _put(module, rec["original"] if owner is None else rec["kept"].pop(owner))
+        rec["shown"] = owner
 
 
-def saved_paths(model: nn.Module) -> dict[str, str]:
-    """path -> owning adapter, for every module saved in full."""
-    return {q: name for name, paths in model.__dict__.get("_lowrank_modules_to_save", {}).items() for q in paths}
+def shown_for(model: nn.Module, active: Iterable[str]) -> dict[str, str | None]:
+    """What each saved module should show when ``active`` are the active adapters."""
+    active = set(active)
+    return {q: next((n for n in names if n in active), None) for q, names in owners(model).items()}
+
+
+def claim(model: nn.Module, paths: Iterable[str], owner: str) -> None:
+    """``owner`` starts its own copy of ``paths`` from their original values and is shown (call
+    when the adapter is added, before it changes or loads them)."""
+    records = _records(model)
+    for q in paths:
+        if q not in records:
+            records[q] = {"original": _snapshot(model.get_submodule(q)), "shown": owner, "kept": {}}
+        else:
+            show(model, {q: None})
+            records[q]["shown"] = owner
+
+
+def owner_state(model: nn.Module, path: str, owner: str) -> State:
+    """Adapter ``owner``'s values of the saved module ``path``, whichever values it holds now."""
+    rec = _records(model).get(path)
+    if rec is not None and rec["shown"] != owner:
+        return dict(rec["kept"][owner])
+    return model.get_submodule(path).state_dict()
 
 
 def forget(model: nn.Module) -> None:
-    for attr in ("_lowrank_saved_originals", "_lowrank_saved_stash"):
-        model.__dict__.pop(attr, None)
+    """Drop the kept values (the live modules stay as they are)."""
+    model.__dict__.pop("_lowrank_saved", None)
