@@ -84,7 +84,7 @@ def test_unload_keeps_the_head_the_model_shows():
     adapted = logits(m)
     plain = lowrank.unload(m)
     torch.testing.assert_close(logits(plain), adapted, rtol=1e-5, atol=1e-6)
-    assert not hasattr(plain, "_lowrank_saved_originals")
+    assert not [k for k in vars(plain) if k.startswith("_lowrank")]
 
 
 def test_a_tied_head_is_restored_with_its_embedding():
@@ -149,3 +149,83 @@ def test_a_module_and_a_part_of_it_are_not_saved_by_two_adapters():
     lowrank.set_active(m, [])
     with pytest.raises(lowrank.ConfigError, match="a module and a part of it"):
         lowrank.adapt(m, "lora", rank=2, name="b", targets=["v_proj"], modules_to_save=["model.layers.1.mlp.up_proj"])
+
+
+def test_set_active_inside_disabled_takes_effect_when_it_ends():
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=[HEAD])
+    train_a_little(m)
+    a_head = m.get_submodule(HEAD).weight.detach().clone()
+    lowrank.set_active(m, [])
+    lowrank.adapt(m, "lora", rank=2, name="b", targets=["v_proj"], modules_to_save=[HEAD])
+    train_a_little(m)
+    b_head = m.get_submodule(HEAD).weight.detach().clone()
+    original = tiny_llama().get_submodule(HEAD).weight
+    with lowrank.disabled(m):
+        lowrank.set_active(m, "a")
+        assert torch.equal(m.get_submodule(HEAD).weight, original)  # still the base inside
+    assert torch.equal(m.get_submodule(HEAD).weight, a_head)
+    with lowrank.disabled(m):
+        lowrank.set_active(m, [])
+    assert torch.equal(m.get_submodule(HEAD).weight, original)
+    lowrank.set_active(m, "b")
+    assert torch.equal(m.get_submodule(HEAD).weight, b_head)
+
+
+@pytest.mark.parametrize("entries", [["lm_head", "lm_head"], ["model.layers.1.mlp", "model.layers.1.mlp.up_proj"]])
+def test_repeated_or_nested_entries_are_saved_once_and_come_back_after_disabled(tmp_path, entries):
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, targets=["q_proj"], modules_to_save=entries)
+    assert lowrank.adapter_record(m)["modules_to_save"] == entries[:1]
+    train_a_little(m)
+    adapted = logits(m)
+    with lowrank.disabled(m):
+        pass
+    torch.testing.assert_close(logits(m), adapted, rtol=0, atol=0)
+    lowrank.save_adapter(m, tmp_path / "a")
+    torch.testing.assert_close(logits(lowrank.load_adapter(tiny_llama(), tmp_path / "a")), adapted, rtol=0, atol=0)
+
+
+def test_one_tied_tensor_saved_under_two_paths():
+    """One adapter saving GPT-2's lm_head and wte (one tied weight) gets its training back after
+    disabled(); two adapters each owning one of the two paths is refused."""
+    from conftest import tiny_gpt2
+
+    m = lowrank.adapt(tiny_gpt2(), "lora", rank=2, targets=["c_attn"], modules_to_save=["lm_head", "wte"])
+    train_a_little(m)
+    adapted = logits(m)
+    with lowrank.disabled(m):
+        torch.testing.assert_close(logits(m), logits(tiny_gpt2()), rtol=0, atol=0)
+    torch.testing.assert_close(logits(m), adapted, rtol=0, atol=0)
+    two = lowrank.adapt(tiny_gpt2(), "lora", rank=2, name="a", targets=["c_attn"], modules_to_save=["lm_head"])
+    lowrank.set_active(two, [])
+    with pytest.raises(lowrank.ConfigError, match="shares tensors with 'lm_head'"):
+        lowrank.adapt(two, "lora", rank=2, name="b", targets=["c_proj"], modules_to_save=["wte"])
+
+
+def test_unload_inside_disabled_gives_the_adapted_model():
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, targets=["q_proj"], modules_to_save=[HEAD])
+    train_a_little(m)
+    adapted = logits(m)
+    with lowrank.disabled(m):
+        plain = lowrank.unload(m)
+    torch.testing.assert_close(logits(plain), adapted, rtol=1e-5, atol=1e-6)
+    assert not [k for k in vars(plain) if k.startswith("_lowrank")]
+
+
+def test_an_inactive_owner_saves_its_head_in_the_model_dtype(tmp_path):
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, name="a", targets=["q_proj"], modules_to_save=[HEAD])
+    lowrank.set_active(m, [])
+    m.double()
+    lowrank.save_adapter(m, tmp_path / "a", name="a")
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "a" / "adapter_model.safetensors").values()} == {torch.float64}
+
+
+def test_an_adapter_name_is_used_once():
+    """Adapting again under an existing name (other layers, even another method) is refused: one
+    name, one record and one file (it used to replace the record, and the file then did not load)."""
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, targets=["q_proj"])
+    with pytest.raises(lowrank.AlreadyAdaptedError, match="already has an adapter named 'default'"):
+        lowrank.adapt(m, "dora", rank=4, targets=["v_proj"])
+    assert lowrank.adapter_record(m)["method"] == "lora"
+    assert not any("default" in layer.adapters for p, layer in lowrank.adapted_layers(m) if "v_proj" in p)

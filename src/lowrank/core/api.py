@@ -8,17 +8,19 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import AdapterNotFoundError, ConfigError, MergeError, TargetError
+from ..errors import AdapterNotFoundError, ConfigError, MergeError
 from ..registry import get_init, get_method
 from .init import Init
 from .inject import (
     _set_submodule,
     adapted_layers,
     adapter_names,
+    check_new_name,
     check_saved_modules,
     commit_adapters,
     mark_trainable,
     plan_adapters,
+    resolve_saved,
 )
 from .saved import claim, forget, owners, show, shown, shown_for
 
@@ -62,16 +64,13 @@ def adapt(
         init_obj = init
     else:
         init_obj = get_init(init)(**(init_options or {}))
+    check_new_name(model, name)
     saved = []
     if modules_to_save:
         entries = [modules_to_save] if isinstance(modules_to_save, str) else modules_to_save
         if not isinstance(entries, (list, tuple)) or not all(isinstance(t, str) and t for t in entries):
             raise ConfigError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
-        for t in entries:
-            hits = [p for p, _ in model.named_modules() if p and (p == t or p.endswith("." + t))]
-            if not hits:
-                raise TargetError(f"modules_to_save entry {t!r} matched no module")
-            saved += hits
+        saved = resolve_saved(model, entries)
     held = [q for other, paths in getattr(model, "_lowrank_modules_to_save", {}).items() if other != name
             for q in paths]  # modules other adapters save in full
     # as PEFT: under all-linear a module saved in full (by this adapter or another) is not also adapted
@@ -153,8 +152,10 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     for _, layer in adapted_layers(model):
         layer.active = [n for n in wanted if n in layer.adapters]
     mark_trainable(model, wanted)
-    # a module saved in full shows the copy of its active adapter, or its original (as PEFT)
-    show(model, shown_for(model, wanted))
+    # a module saved in full shows the copy of its active adapter, or its original (as PEFT);
+    # inside disabled() the originals stay until it ends
+    if not model.__dict__.get("_lowrank_disabled_depth"):
+        show(model, shown_for(model, wanted))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -195,19 +196,25 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = [layer for _, layer in adapted_layers(model)]
     remerge = {id(layer): list(layer.merged) for layer in layers}
     was = {id(layer): layer.disabled for layer in layers}
-    before = shown(model)  # which adapter's copy each module saved in full holds now
+    depth = model.__dict__.get("_lowrank_disabled_depth", 0)
+    model.__dict__["_lowrank_disabled_depth"] = depth + 1
     try:
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
-        show(model, dict.fromkeys(before))  # the originals
+        show(model, dict.fromkeys(shown(model)))  # every module saved in full: its original values
         yield model
     finally:
-        show(model, before)
+        if depth:
+            model.__dict__["_lowrank_disabled_depth"] = depth
+        else:
+            model.__dict__.pop("_lowrank_disabled_depth", None)
         for layer in layers:
             layer.disabled = was[id(layer)]
             if remerge[id(layer)]:
                 layer.merge(remerge[id(layer)])
+        if not depth:  # the copies of the adapters active now (set_active may have run inside)
+            show(model, shown_for(model, active_adapters(model)))
 
 
 def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
@@ -219,6 +226,7 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     layers = list(adapted_layers(model))
     if merge_adapters:
         merge(model)
+    show(model, shown_for(model, active_adapters(model)))  # also inside disabled(): the active copies
     for path, layer in reversed(layers):  # innermost first: a wrapped block's layers live under its base_layer
         _set_submodule(model, path, layer.base_layer) if path else None
     for attr in ("_lowrank_adapters", "_lowrank_modules_to_save"):

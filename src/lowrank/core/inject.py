@@ -325,6 +325,28 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def check_new_name(model: nn.Module, name: str) -> None:
+    """AlreadyAdaptedError when ``name`` already names an adapter of ``model``: one name, one adapter
+    (re-using it would mix two configurations under one record and one file)."""
+    for p, layer in adapted_layers(model):
+        if name in layer.adapters:
+            raise AlreadyAdaptedError(f"model already has an adapter named {name!r} (at {p!r}); pick another name")
+    if name in getattr(model, "_lowrank_adapters", {}):
+        raise AlreadyAdaptedError(f"model already has an adapter named {name!r}; pick another name")
+
+
+def resolve_saved(model: nn.Module, entries: Sequence[str], where: str = "modules_to_save") -> list[str]:
+    """The module paths that ``entries`` (names or path suffixes) select, each once, and without
+    modules inside another selected one (its values are saved with it)."""
+    paths: list[str] = []
+    for t in entries:
+        hits = [p for p, _ in model.named_modules() if p and (p == t or p.endswith("." + t))]
+        if not hits:
+            raise TargetError(f"{where} entry {t!r} matched no module")
+        paths += [h for h in hits if h not in paths]
+    return [q for q in paths if not any(q.startswith(o + ".") for o in paths)]
+
+
 def check_saved_modules(model: nn.Module, name: str, saved: list[str], adapting: list[str]) -> None:
     """ConfigError unless adapter ``name``, about to adapt the layers ``adapting`` and save the
     modules ``saved`` in full, keeps clear of every other: a module saved in full is not also an
@@ -342,10 +364,18 @@ def check_saved_modules(model: nn.Module, name: str, saved: list[str], adapting:
         if hit is not None:
             raise ConfigError(f"modules_to_save entry {q!r} overlaps {hit!r}, adapted by {', '.join(adapted[hit])}: "
                               "a module is either adapted or trained and saved in full")
+    def tensors(path: str) -> set[int]:
+        m = model.get_submodule(path)
+        return {id(t) for t in [*m.parameters(), *m.buffers()]}
+
     for other, paths in getattr(model, "_lowrank_modules_to_save", {}).items():
         if other == name:
             continue
         for q in paths:
+            for t in saved:  # e.g. GPT-2's lm_head and wte: two paths, one tied weight
+                if t != q and not overlap(t, q) and tensors(t) & tensors(q):
+                    raise ConfigError(f"{t!r} shares tensors with {q!r}, which adapter {other!r} trains and saves "
+                                      "in full; two adapters cannot each own a copy of one tied tensor")
             hit = next((t for t in adapting if overlap(t, q)), None)
             if hit is not None:
                 raise ConfigError(f"{hit!r} overlaps {q!r}, which adapter {other!r} trains and saves in full; "

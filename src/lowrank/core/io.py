@@ -19,10 +19,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import AdapterLoadError, AlreadyAdaptedError, ConfigError, LowRankError, UnsafePathError
+from ..errors import AdapterLoadError, ConfigError, LowRankError, TargetError, UnsafePathError
 from ..registry import _load_builtins, _METHODS, get_init, get_method
 from .api import adapter_record
-from .inject import adapted_layers, check_saved_modules, commit_adapters, logical_paths, plan_adapters
+from .inject import (
+    adapted_layers,
+    check_new_name,
+    check_saved_modules,
+    commit_adapters,
+    logical_paths,
+    plan_adapters,
+    resolve_saved,
+)
 from .layers import AdaptedLayer, Conv1D
 from .saved import claim, owner_state
 
@@ -407,9 +415,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     cfg, tensors = read_adapter_dir(path)
     where = str(Path(path) / CONFIG_NAME)
     recipe = _recipe_from_config(cfg, where)
-    for p, layer in adapted_layers(model):
-        if name in layer.adapters:
-            raise AlreadyAdaptedError(f"model already has an adapter named {name!r} (at {p!r}); pick another name")
+    check_new_name(model, name)
     targets = recipe["targets"]
     modules = dict(model.named_modules())
     if isinstance(targets, list) and "lowrank" in cfg:
@@ -491,12 +497,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             p.new_weight = (w.to(work) - left.to(w.device, work) @ right.to(w.device, work)).to(w.dtype)
             p.adapter.finalize(p.new_weight)
             record_base_delta(p.adapter, left.to(w.device), right.to(w.device))
-    saved_paths = []  # the modules the file saves in full, resolved in this model
-    for mp in recipe.get("modules_to_save") or []:
-        hits = [q for q in modules if q and (q == mp or q.endswith("." + mp))]
-        if not hits:
-            raise AdapterLoadError(f"{where}: modules_to_save entry {mp!r} matches no module of this model")
-        saved_paths += hits
+    try:  # the modules the file saves in full, resolved in this model
+        saved_paths = resolve_saved(model, recipe.get("modules_to_save") or [])
+    except TargetError as e:
+        raise AdapterLoadError(f"{where}: {e} in this model") from None
     try:
         check_saved_modules(model, name, saved_paths, [p.path for p in planned])
     except LowRankError as e:

@@ -21,8 +21,10 @@ from torch import nn
 State = dict[str, torch.Tensor]
 
 
-def _records(model: nn.Module) -> dict[str, dict]:
-    return model.__dict__.setdefault("_lowrank_saved", {})
+def _records(model: nn.Module, create: bool = False) -> dict[str, dict]:
+    if create:
+        return model.__dict__.setdefault("_lowrank_saved", {})
+    return model.__dict__.get("_lowrank_saved", {})
 
 
 def _snapshot(module: nn.Module) -> State:
@@ -51,16 +53,20 @@ def shown(model: nn.Module) -> dict[str, str | None]:
 
 
 def show(model: nn.Module, want: dict[str, str | None]) -> None:
-    """Make each module in ``want`` hold that adapter's values (None: the original ones)."""
+    """Make each module in ``want`` hold that adapter's values (None: the original ones).
+
+    Every value shown now is kept before any is replaced: two saved paths can hold one tensor
+    (tied weights), and putting one must not overwrite what the other still has to keep.
+    """
     records = _records(model)
-    for q, owner in want.items():
-        rec = records.get(q)
-        if rec is None or rec["shown"] == owner:
-            continue
-        module = model.get_submodule(q)
+    moves = [(q, owner) for q, owner in want.items() if q in records and records[q]["shown"] != owner]
+    for q, _ in moves:
+        rec = records[q]
         if rec["shown"] is not None:
-            rec["kept"][rec["shown"]] = _snapshot(module)
-        _put(module, rec["original"] if owner is None else rec["kept"].pop(owner))
+            rec["kept"][rec["shown"]] = _snapshot(model.get_submodule(q))
+    for q, owner in moves:
+        rec = records[q]
+        _put(model.get_submodule(q), rec["original"] if owner is None else rec["kept"].pop(owner))
         rec["shown"] = owner
 
 
@@ -73,21 +79,24 @@ def shown_for(model: nn.Module, active: Iterable[str]) -> dict[str, str | None]:
 def claim(model: nn.Module, paths: Iterable[str], owner: str) -> None:
     """``owner`` starts its own copy of ``paths`` from their original values and is shown (call
     when the adapter is added, before it changes or loads them)."""
-    records = _records(model)
+    paths = list(paths)
+    if not paths:
+        return
+    records = _records(model, create=True)
+    show(model, {q: None for q in paths if q in records})  # another owner's copy is kept aside
     for q in paths:
         if q not in records:
             records[q] = {"original": _snapshot(model.get_submodule(q)), "shown": owner, "kept": {}}
-        else:
-            show(model, {q: None})
-            records[q]["shown"] = owner
+        records[q]["shown"] = owner
 
 
 def owner_state(model: nn.Module, path: str, owner: str) -> State:
     """Adapter ``owner``'s values of the saved module ``path``, whichever values it holds now."""
     rec = _records(model).get(path)
-    if rec is not None and rec["shown"] != owner:
-        return dict(rec["kept"][owner])
-    return model.get_submodule(path).state_dict()
+    live = model.get_submodule(path).state_dict()
+    if rec is not None and rec["shown"] != owner:  # kept aside: as the live tensors are now (.to(), .double())
+        return {k: v.to(device=live[k].device, dtype=live[k].dtype) for k, v in rec["kept"][owner].items()}
+    return live
 
 
 def forget(model: nn.Module) -> None:
