@@ -4,13 +4,27 @@ otherwise print a KeyboardInterrupt traceback.  Here it exits quietly with statu
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def main() -> None:
+    interrupted = []
+
+    def on_sigint(signum, frame):  # noqa: ARG001 - signal handler signature
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         from lowrank.cli import main as run
-    except KeyboardInterrupt:
+    except BaseException:
+        # a KeyboardInterrupt, or whatever a half-imported module raised after one
+        if not interrupted:
+            raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
         sys.stderr.write("\ninterrupted\n")
         raise SystemExit(130) from None
     run()
