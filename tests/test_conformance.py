@@ -226,3 +226,40 @@ def test_stacked_with_lora_updates_sum_in_any_order(method, model_kind):
     for n, p in model.named_parameters():
         if n in weights:
             torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=0, msg=f"{n} not restored")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_delete_adapter_leaves_the_others_then_the_base(method, model_kind):
+    """Deleting one of two stacked adapters leaves the other's outputs; deleting the last gives the
+    base model back (its outputs and its own state-dict keys).  Refused, with the model unchanged,
+    when the init moved part of the base weight into the adapter (or the base weight was released)."""
+    model, x, base_out = _setup(method, model_kind)
+    targets = lowrank.adapter_record(model, "default")["targets"]
+    try:
+        lowrank.adapt(model, "lora", rank=2, name="second", targets=targets)
+    except lowrank.UnsupportedLayerError:
+        _adapt(model, method, name="second", targets=targets)
+    _perturb(model, seed=5)
+    with torch.no_grad():
+        lowrank.set_active(model, "second")
+        only_second = run_model(model, model_kind, x)
+        lowrank.set_active(model, ["default", "second"])
+        both = run_model(model, model_kind, x)
+    for name in ("default", "second"):
+        try:
+            lowrank.delete_adapter(model, name)
+        except lowrank.ConfigError as e:
+            assert "holds part of the base weight" in str(e) or "which was released" in str(e)
+            with torch.no_grad():  # refused: nothing changed
+                torch.testing.assert_close(run_model(model, model_kind, x), both if name == "default" else only_second,
+                                           atol=ATOL, rtol=0)
+            return
+        assert name not in lowrank.adapter_names(model)
+        with torch.no_grad():
+            out = run_model(model, model_kind, x)
+        if name == "default":
+            torch.testing.assert_close(out, only_second, atol=ATOL, rtol=0)
+    assert not any(isinstance(m, lowrank.AdaptedLayer) for m in model.modules())
+    assert set(model.state_dict()) == set(MODELS[model_kind]().state_dict())
+    torch.testing.assert_close(out, base_out, atol=ATOL, rtol=0)
+    lowrank.adapt(model, "lora", rank=2, targets=targets if method == "lora" else "all-linear")  # the name is free again

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import AdapterNotFoundError, ConfigError, MergeError
 from ..registry import get_init, get_method
 from .init import Init
+from .layers import is_released
 from .inject import (
     _set_submodule,
     adapted_layers,
@@ -22,7 +23,7 @@ from .inject import (
     plan_adapters,
     resolve_saved,
 )
-from .saved import claim, forget, owners, show, shown, shown_for
+from .saved import claim, drop, forget, owners, show, shown, shown_for
 
 
 def adapt(
@@ -233,6 +234,58 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
         if hasattr(model, attr):
             delattr(model, attr)
     forget(model)  # modules saved in full keep the values they show (the active adapter's copy)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name``: its modules on every layer, its record, and its copies of modules
+    saved in full (a module no adapter saves any more gets its original values back and is
+    frozen).  A layer left with no adapter is given back as its plain base layer; the name can
+    then be used again.
+
+    Refused, with the model unchanged, while the adapter is merged into a layer (unmerge first),
+    when its init moved part of the base weight into it (PiSSA, MiLoRA, ...: the layer would keep
+    the residual W; unload instead, or save with ``convert_to_lora=True``), or when it replaces
+    the base weight and that weight was released (``parameterise(..., release_base=True)``: save with
+    ``plain_state_dict``).
+    """
+    from .io import base_delta
+
+    if name not in adapter_names(model):
+        raise AdapterNotFoundError(f"model has no adapter named {name!r}; it has {adapter_names(model) or 'none'}")
+    layers = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]
+    for path, layer in layers:  # check everything first, so a refusal changes nothing
+        adapter = layer.adapters[name]
+        if name in layer.merged:
+            raise MergeError(f"module {path!r}: adapter {name!r} is merged into it; unmerge before deleting it")
+        w = getattr(layer.base_layer, "weight", None)
+        if adapter.replaces_base and isinstance(w, torch.Tensor) and is_released(w):
+            raise ConfigError(f"module {path!r}: adapter {name!r} replaces the base weight, which was released, so "
+                              "deleting it would leave no weight; save the model with plain_state_dict instead")
+        if base_delta(adapter) is not None:
+            raise ConfigError(f"module {path!r}: adapter {name!r} holds part of the base weight (its init moved it "
+                              "there), so deleting it would leave the residual W; unload it, or save it with "
+                              "convert_to_lora=True and load that instead")
+    # -- commit ---------------------------------------------------------------------------------
+    saved_by = owners(model)
+    mine = getattr(model, "_lowrank_modules_to_save", {}).get(name, [])
+    drop(model, name, mine)
+    for q in mine:
+        if not any(n in active_adapters(model) for n in saved_by[q] if n != name):
+            for prm in model.get_submodule(q).parameters():
+                prm.requires_grad_(False)
+    for path, layer in reversed(layers):  # innermost first, as unload
+        del layer.adapters[name]
+        if name in layer.active:
+            layer.active.remove(name)
+        if not layer.adapters:
+            _set_submodule(model, path, layer.base_layer) if path else None
+    getattr(model, "_lowrank_adapters", {}).pop(name, None)
+    getattr(model, "_lowrank_modules_to_save", {}).pop(name, None)
+    if not getattr(model, "_lowrank_adapters", None):
+        for attr in ("_lowrank_adapters", "_lowrank_modules_to_save"):
+            model.__dict__.pop(attr, None)
+        forget(model)
     return model
 
 

@@ -99,6 +99,22 @@ def owner_state(model: nn.Module, path: str, owner: str) -> State:
     return live
 
 
+def drop(model: nn.Module, owner: str, paths: Iterable[str]) -> None:
+    """``owner`` gives up its copies of ``paths``: a module it shows goes back to its original
+    values, and a module no other adapter saves is a plain module again."""
+    records = _records(model)
+    others = {q: [n for n in names if n != owner] for q, names in owners(model).items()}
+    for q in paths:
+        rec = records.get(q)
+        if rec is None:
+            continue
+        if rec["shown"] == owner:
+            show(model, {q: None})
+        rec["kept"].pop(owner, None)
+        if not others.get(q):
+            del records[q]
+
+
 def forget(model: nn.Module) -> None:
     """Drop the kept values (the live modules stay as they are)."""
     model.__dict__.pop("_lowrank_saved", None)
