@@ -7,6 +7,8 @@ A method declares what it is (``identity_at_init``, ``mergeable``, ``test_option
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -105,9 +107,14 @@ def test_unload_gives_plain_model(method, model_kind):
     torch.testing.assert_close(after, before, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("copied", [False, True], ids=["model", "deepcopy"])
 @pytest.mark.parametrize("method", METHODS)
-def test_save_load_roundtrip(method, model_kind, tmp_path):
+def test_save_load_roundtrip(method, model_kind, tmp_path, copied):
+    """Save, then load into a fresh base: the same outputs; also from a deep copy of the adapted
+    model (state kept by object identity would not survive the copy)."""
     model, x, _ = _setup(method, model_kind)
+    if copied:
+        model = copy.deepcopy(model)
     with torch.no_grad():
         before = run_model(model, model_kind, x)
     lowrank.save_adapter(model, tmp_path / "a")

@@ -75,3 +75,24 @@ def test_deleting_the_owner_of_a_saved_module_gives_its_original_back_and_frees_
     torch.testing.assert_close(logits(m), logits(base), rtol=0, atol=0)
     assert m.state_dict().keys() == base.state_dict().keys()
     assert not [k for k in vars(m) if k.startswith("_lowrank")]
+
+
+def test_inside_disabled_delete_is_refused_and_a_new_adapter_waits_for_the_end():
+    base = logits(tiny_llama())
+    m = lowrank.adapt(tiny_llama(), "lora", rank=2, name="a", targets=["q_proj"])
+    perturb(m)
+    lowrank.merge(m)
+    merged = logits(m)
+    with lowrank.disabled(m):
+        with pytest.raises(lowrank.ConfigError, match="inside lowrank.disabled"):
+            lowrank.delete_adapter(m, "a")
+        lowrank.adapt(m, "lora", rank=2, name="b", targets=["v_proj"])
+        perturb(m)  # b's factors (the trainable ones now): b changes outputs wherever it applies
+        # b is not applied inside either (a was unmerged: W back to float rounding)
+        torch.testing.assert_close(logits(m), base, rtol=1e-5, atol=1e-6)
+    assert lowrank.adapter_names(m) == ["a", "b"]
+    with_b = logits(m)
+    assert not torch.allclose(with_b, merged)  # b applies now, beside the re-merged a
+    lowrank.unmerge(m)
+    lowrank.set_active(m, "a")
+    torch.testing.assert_close(logits(m), merged, rtol=1e-5, atol=1e-6)

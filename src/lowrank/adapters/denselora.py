@@ -35,7 +35,7 @@ class DenseCodec(nn.Module):
         self.encoder = nn.Parameter(torch.empty(rank, in_features))  # E (r, in)
         self.decoder = nn.Parameter(torch.zeros(out_features, rank))  # D (out, r)
         nn.init.kaiming_uniform_(self.encoder, a=math.sqrt(5))
-        self.owner: int | None = None  # id() of the adapter that saves the pair
+        self.claimed = False  # one adapter of the kind saves the pair (a flag, so deepcopy keeps it)
 
 
 def kind_of(path: str, base: BaseLayer) -> tuple[str, int, int]:
@@ -63,8 +63,8 @@ class DenseLoRA(Adapter):
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
         if shared is None:
             shared = DenseCodec(self.in_features, self.out_features, rank)
-        if shared.owner is None:
-            shared.owner = id(self)
+        self.saves_codec = not shared.claimed
+        shared.claimed = True
         self.lora_codec = shared
         M = torch.empty(rank, rank)
         nn.init.kaiming_uniform_(M, a=math.sqrt(5))
@@ -108,7 +108,7 @@ class DenseLoRA(Adapter):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         state = {"lora_M": self.lora_M.detach()}
-        if self.lora_codec.owner == id(self):
+        if self.saves_codec:
             state["lora_encoder"] = self.lora_codec.encoder.detach()
             state["lora_decoder"] = self.lora_codec.decoder.detach()
         return state

@@ -210,9 +210,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             model.__dict__["_lowrank_disabled_depth"] = depth
         else:
             model.__dict__.pop("_lowrank_disabled_depth", None)
-        for layer in layers:
-            layer.disabled = was[id(layer)]
-            if remerge[id(layer)]:
+        now = [layer for _, layer in adapted_layers(model)]
+        for layer in now:  # layers wrapped inside the block (adapt there) were disabled until now
+            layer.disabled = was.get(id(layer), bool(depth))
+        for layer in now:
+            if remerge.get(id(layer)):
                 layer.merge(remerge[id(layer)])
         if not depth:  # the copies of the adapters active now (set_active may have run inside)
             show(model, shown_for(model, active_adapters(model)))
@@ -251,6 +253,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """
     from .io import base_delta
 
+    if model.__dict__.get("_lowrank_disabled_depth"):
+        raise ConfigError(f"delete_adapter({name!r}) inside lowrank.disabled(): the block re-merges and re-enables "
+                          "the adapters when it ends; delete after it")
     if name not in adapter_names(model):
         raise AdapterNotFoundError(f"model has no adapter named {name!r}; it has {adapter_names(model) or 'none'}")
     layers = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]

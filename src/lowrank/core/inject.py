@@ -392,6 +392,8 @@ def commit_adapters(model: nn.Module, planned: list[_Planned], name: str, *, fre
     """Attach planned adapters; after this point nothing can fail on bad input."""
     for p in planned:
         layer = p.module if isinstance(p.module, AdaptedLayer) else AdaptedLayer(p.module)
+        if layer is not p.module and model.__dict__.get("_lowrank_disabled_depth"):
+            layer.disabled = True  # added inside lowrank.disabled(): applied once that ends
         if p.new_weight is not None:
             p.base.set_weight(p.new_weight)
         layer.adapters[name] = p.adapter

@@ -113,6 +113,8 @@ def drop(model: nn.Module, owner: str, paths: Iterable[str]) -> None:
         rec["kept"].pop(owner, None)
         if not others.get(q):
             del records[q]
+    if not records:
+        forget(model)
 
 
 def forget(model: nn.Module) -> None:
