@@ -106,3 +106,39 @@ def test_dora_forward_matches_peft_on_same_weights():
     x = _ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=x).logits, pm(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+def _tiny_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3)).eval()
+
+
+def test_a_saved_classifier_head_goes_both_ways_and_disables_as_in_peft(tmp_path):
+    """modules_to_save: PEFT's files load here and ours in PEFT with the same logits, and inside
+    disabled() / disable_adapter() both run the original head."""
+    import peft
+
+    ids = _ids()
+    pm = peft.get_peft_model(_tiny_classifier(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        want = pm(input_ids=ids).logits
+        with pm.disable_adapter():
+            want_off = pm(input_ids=ids).logits
+    pm.save_pretrained(tmp_path / "peft")
+    ours = lowrank.load_adapter(_tiny_classifier(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        with lowrank.disabled(ours):
+            torch.testing.assert_close(ours(input_ids=ids).logits, want_off, atol=1e-5, rtol=0)
+    lowrank.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(_tiny_classifier(), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, want, atol=1e-5, rtol=0)
