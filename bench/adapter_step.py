@@ -15,6 +15,8 @@ back to the system and each step touches fresh pages again.  ``--allocator lowra
 makes the same call as ``lowrank train`` (:func:`lowrank.train.keep_freed_heap`: glibc keeps
 freed memory, as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment would), in
 the timing process and in each peak-RSS process, so every configuration runs that way.
+``x_bound_paired`` is [median, min, max] over rounds of the step time divided by the bound's step
+in the same round.
 
     .venv/bin/python bench/adapter_step.py [--rounds 6] [--no-memory] [--allocator glibc|lowrank]
 """
@@ -121,6 +123,10 @@ def main() -> None:
         row = {"config": n, "median_step_s": round(med[n], 3)}
         if "bound" in med:
             row["x_bound"] = round(med[n] / med["bound"], 3)
+            # the same ratio taken within each round (steps run back to back), then its median and
+            # spread: less exposed to the machine changing speed between rounds
+            paired = sorted(t / b for t, b in zip(times[n], times["bound"]))
+            row["x_bound_paired"] = [round(statistics.median(paired), 3), round(paired[0], 3), round(paired[-1], 3)]
         if n.startswith("ours-") and f"peft-{n[5:]}" in med:
             row["x_peft"] = round(med[n] / med[f"peft-{n[5:]}"], 3)
         row["matmul_rate_fraction"] = round(base_flops / med[n] / rate, 3)
