@@ -72,8 +72,7 @@ def adapt(
         if not isinstance(entries, (list, tuple)) or not all(isinstance(t, str) and t for t in entries):
             raise ConfigError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
         saved = resolve_saved(model, entries)
-    held = [q for other, paths in getattr(model, "_lowrank_modules_to_save", {}).items() if other != name
-            for q in paths]  # modules other adapters save in full
+    held = [q for q, names in owners(model).items() if any(n != name for n in names)]  # saved by other adapters
     # as PEFT: under all-linear a module saved in full (by this adapter or another) is not also adapted
     skip = saved + held if isinstance(targets, str) and targets == "all-linear" else []
     planned = plan_adapters(
@@ -232,11 +231,15 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     show(model, shown_for(model, active_adapters(model)))  # also inside disabled(): the active copies
     for path, layer in reversed(layers):  # innermost first: a wrapped block's layers live under its base_layer
         _set_submodule(model, path, layer.base_layer) if path else None
-    for attr in ("_lowrank_adapters", "_lowrank_modules_to_save"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    forget(model)  # modules saved in full keep the values they show (the active adapter's copy)
+    _forget_adapters(model)  # modules saved in full keep the values they show (the active adapter's copy)
     return model
+
+
+def _forget_adapters(model: nn.Module) -> None:
+    """Drop the model's adapter bookkeeping (records, saved-module owners and kept copies)."""
+    for attr in ("_lowrank_adapters", "_lowrank_modules_to_save"):
+        model.__dict__.pop(attr, None)
+    forget(model)
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
@@ -288,9 +291,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     getattr(model, "_lowrank_adapters", {}).pop(name, None)
     getattr(model, "_lowrank_modules_to_save", {}).pop(name, None)
     if not getattr(model, "_lowrank_adapters", None):
-        for attr in ("_lowrank_adapters", "_lowrank_modules_to_save"):
-            model.__dict__.pop(attr, None)
-        forget(model)
+        _forget_adapters(model)
     return model
 
 
